@@ -1,0 +1,1 @@
+"""rasterkube operator: the kopf control plane."""

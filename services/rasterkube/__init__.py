@@ -1,0 +1,1 @@
+"""rasterkube: Earth-observation mosaics, inference, change scores and vectorization on Ray."""

@@ -1,0 +1,1 @@
+"""ChangeScore service: per-pixel temporal change scores."""

@@ -1,0 +1,191 @@
+"""The ChangeScore job: read a time series blockwise, score every pixel, write a GeoZarr store.
+
+I/O and orchestration only; the numerics are the pure functions in
+:mod:`rasterkube.change.scores`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+
+from rasterkube import geozarr, storage
+from rasterkube.api import ChangeScore, ChangeScoreSpec
+from rasterkube.api.kinds import ChangeMethod, Distance, Selector
+from rasterkube.change import scores
+from rasterkube.errors import UserError
+from rasterkube.grid import GeoGrid, Window
+from rasterkube.jobs.context import JobContext, JobRequest, JobResult
+from rasterkube.runtime.blocks import plan_blocks, row_strips, shift
+from rasterkube.runtime.executor import run_blocks
+from rasterkube.runtime.progress import Reporter
+
+# Pixels scored at once inside a block: bounds the (T, T, N) float64 distance matrix.
+STRIP_PIXELS: Final = 65_536
+MIN_TIME_STEPS: Final = 2
+
+
+def score_names(spec: ChangeScoreSpec) -> list[str]:
+    names = []
+    for method in spec.methods:
+        names.append(scores.score_name(method, spec.distance, False))
+        if spec.robust_time_zscore:
+            names.append(scores.score_name(method, spec.distance, True))
+    return names
+
+
+def selector_window(selector: Selector | None, grid: GeoGrid) -> Window:
+    """The source window to score, or a UserError naming the selector field."""
+    full = Window(0, grid.shape[0], 0, grid.shape[1])
+    if selector is None:
+        return full
+    if selector.bbox is not None:
+        bbox = _bbox_to_crs(tuple(selector.bbox), selector.bbox_crs, grid.crs)
+        try:
+            return grid.window_for_bbox(bbox)
+        except ValueError:
+            raise UserError(
+                f"spec.selector.bbox: {selector.bbox} ({selector.bbox_crs}) does not overlap the source "
+                f"(bounds {tuple(round(v, 3) for v in grid.bbox)} in {grid.crs})"
+            ) from None
+    y0, y1 = selector.y or (0, grid.shape[0])
+    x0, x1 = selector.x or (0, grid.shape[1])
+    for axis, (lo, hi), size in (("y", (y0, y1), grid.shape[0]), ("x", (x0, x1), grid.shape[1])):
+        if hi > size:
+            raise UserError(f"spec.selector.{axis}: [{lo}, {hi}) goes past the source's {size} pixels; use stop ≤ {size}")
+    return Window(y0, y1, x0, x1)
+
+
+def _bbox_to_crs(bbox: tuple[float, ...], src: str, dst: str) -> tuple[float, float, float, float]:
+    from pyproj import CRS, Transformer
+    from pyproj.exceptions import CRSError
+
+    try:
+        transformer = Transformer.from_crs(CRS.from_user_input(src), CRS.from_user_input(dst), always_xy=True)
+    except CRSError as exc:
+        raise UserError(f"spec.selector.bboxCrs: {src!r} is not a CRS pyproj knows ({exc})") from None
+    return transformer.transform_bounds(*bbox, densify_pts=21)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class BlockParams:
+    """Everything a block task needs; put in the Ray object store once."""
+
+    source_uri: str
+    data_var: str
+    band_indices: tuple[int, ...]
+    offset: tuple[int, int]
+    methods: tuple[str, ...]
+    distance: str
+    robust: bool
+    out_uri: str
+    out_var: str
+
+
+def score_block(block: Window, p: BlockParams) -> int:
+    """Score one output block (a Ray task). Returns the number of pixels scored."""
+    source = shift(block, *p.offset)
+    parts = []
+    for strip in row_strips(source, STRIP_PIXELS):
+        x = geozarr.read_region(p.source_uri, p.data_var, strip, p.band_indices)
+        t, b, h, w = x.shape
+        _, values = scores.compute_scores(x.reshape(t, b, h * w), p.methods, p.distance, p.robust)
+        parts.append(values.reshape(t, values.shape[1], h, w))
+    # One write per block: blocks are chunk-aligned, so tasks never share a chunk.
+    geozarr.write_region(p.out_uri, p.out_var, block, np.concatenate(parts, axis=2))
+    return block.shape[0] * block.shape[1]
+
+
+def source_field(resource: ChangeScore) -> str:
+    """``source.uri`` or ``source.mosaicRef`` …: the field a source problem is reported on."""
+    return f"source.{resource.spec.source.set_fields()[0].value}"
+
+
+def preflight(resource: ChangeScore, request: JobRequest) -> tuple[geozarr.StoreInfo, list[int], Window]:
+    """All checks that need the source store; run before anything is written."""
+    spec, source_uri = resource.spec, request.source_uri
+    if source_uri is None:
+        raise UserError("spec.source: no store to read (refs must be resolved before the job runs)")
+    try:
+        info = geozarr.describe(source_uri, spec.data_var)
+        band_idx = info.band_indices(spec.bands)
+    except geozarr.StoreError as exc:
+        raise UserError(f"spec.{source_field(resource) if exc.field == 'source' else exc.field}: {exc}") from None
+    if len(info.times) < MIN_TIME_STEPS:
+        raise UserError(
+            f"spec.source: {source_uri} has {len(info.times)} time step; change scores need at least {MIN_TIME_STEPS} "
+            "(use a Mosaic with a time.window that yields several composites)"
+        )
+    if ChangeMethod.CLUSTER_TRANSITION in spec.methods:
+        raise UserError("spec.methods: clusterTransition is not available in this version; use difference or looMedoid")
+    is_int8 = np.dtype(info.dtype) == np.int8
+    if spec.distance == Distance.ALPHA_EARTH_COSINE and not is_int8:
+        raise UserError(
+            f"spec.distance: alphaEarthCosine expects int8 AlphaEarth embeddings, but {spec.data_var} is {info.dtype}; "
+            "use cosine for de-quantized float embeddings"
+        )
+    if is_int8 and spec.distance != Distance.ALPHA_EARTH_COSINE:
+        raise UserError(
+            f"spec.distance: {spec.data_var} holds int8 values (quantized embeddings?); use alphaEarthCosine"
+        )
+    return info, band_idx, selector_window(spec.selector, info.grid)
+
+
+def run(resource: ChangeScore, ctx: JobContext, reporter: Reporter) -> JobResult:
+    spec = resource.spec
+    request = ctx.request
+    info, band_idx, window = preflight(resource, request)
+    assert request.source_uri is not None
+    names = score_names(spec)
+    out_grid = info.grid.window(window)
+    tmp = storage.temporary_uri(request.output_uri, request.run_id)
+    storage.remove(tmp)  # a previous attempt of the same run may have left a partial prefix
+    out = geozarr.create(
+        tmp,
+        out_grid,
+        info.times,
+        names,
+        dtype="float32",
+        chunk_size=info.chunks[2],
+        attrs={"rasterkube:kind": resource.kind, "rasterkube:source": request.source_uri},
+    )
+    params = BlockParams(
+        source_uri=request.source_uri,
+        data_var=spec.data_var,
+        band_indices=tuple(band_idx),
+        offset=(window.y0, window.x0),
+        methods=tuple(spec.methods),
+        distance=spec.distance,
+        robust=spec.robust_time_zscore,
+        out_uri=tmp,
+        out_var=out.data_var,
+    )
+    blocks = plan_blocks(out_grid.shape, out.chunks[2:], spec.xy_block_multiplier)
+    try:
+        run_blocks(
+            score_block,
+            blocks,
+            params,
+            num_cpus=spec.resources.cpus,
+            max_in_flight=ctx.max_in_flight,
+            reporter=reporter,
+            message="scoring blocks",
+        )
+        geozarr.finalize(tmp)
+        storage.commit(tmp, request.output_uri)
+    except BaseException:
+        storage.remove(tmp)
+        raise
+    return JobResult(uri=request.output_uri, summary=_summary(out, blocks))
+
+
+def _summary(out: geozarr.StoreInfo, blocks: list[Window]) -> dict[str, Any]:
+    return {
+        "shape": list(out.shape),
+        "bands": list(out.bands),
+        "times": [str(t) for t in out.times.astype("datetime64[D]")],
+        "crs": out.grid.crs,
+        "blocks": len(blocks),
+    }

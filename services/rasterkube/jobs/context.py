@@ -1,0 +1,79 @@
+"""What a job gets from its caller (local runner, Ray Jobs API, KubeRay) and what it returns."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+
+from rasterkube import storage
+from rasterkube.api import RESOURCE_MODELS, Resource
+from rasterkube.constants import Kind
+from rasterkube.errors import UserError
+from rasterkube.runtime.progress import NullReporter, Reporter
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A resource with its refs resolved to URIs: the contract between control plane and job."""
+
+    resource: dict[str, Any]
+    output_uri: str
+    source_uri: str | None = None
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def kind(self) -> Kind:
+        return Kind(self.resource["kind"])
+
+    def parsed(self) -> Resource[Any]:
+        return RESOURCE_MODELS[self.kind].model_validate(self.resource)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"resource": self.resource, "outputUri": self.output_uri, "sourceUri": self.source_uri, "runId": self.run_id}
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> JobRequest:
+        data = json.loads(text)
+        return cls(
+            resource=data["resource"],
+            output_uri=data["outputUri"],
+            source_uri=data.get("sourceUri"),
+            run_id=data.get("runId") or uuid.uuid4().hex[:12],
+        )
+
+    @classmethod
+    def load(cls, spec: str) -> JobRequest:
+        """``spec`` is inline JSON, a local path or a URI of a JSON file."""
+        text = spec
+        if not spec.lstrip().startswith("{"):
+            try:
+                with fsspec.open(spec, "r", **storage.storage_options(spec)) as fh:
+                    text = fh.read()
+            except FileNotFoundError:
+                raise UserError(f"--spec: {spec} does not exist (give inline JSON, a path or a URI)") from None
+        try:
+            return cls.from_json(text)
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise UserError(f"--spec: not a job request ({exc}); expected resource, outputUri, sourceUri") from None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    uri: str
+    summary: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class JobContext:
+    request: JobRequest
+    reporter: Reporter = field(default_factory=NullReporter)
+    max_in_flight: int | None = None

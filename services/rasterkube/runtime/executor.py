@@ -1,0 +1,86 @@
+"""Run block tasks on Ray with bounded in-flight work (memory flat in AOI size)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import ray
+
+from rasterkube.constants import ENV_RAY_ADDRESS
+from rasterkube.runtime.progress import NullReporter, Reporter
+
+T = TypeVar("T")
+
+# Settings the driver has that the workers need to reach storage (object store endpoint and
+# credentials, GDAL/rasterio tuning). Workers may run on other nodes, or were started before
+# the driver's environment changed, so they are passed explicitly with every task.
+CARRIED_ENV_PREFIXES = ("AWS_", "GDAL_", "CPL_", "VSI_", "RASTERKUBE_")
+
+
+def carried_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(CARRIED_ENV_PREFIXES)}
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to RAY_ADDRESS (or ``address``), else start an embedded local Ray once."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get(ENV_RAY_ADDRESS)
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+
+
+def default_in_flight() -> int:
+    """Two tasks per CPU keeps workers busy while one block is read and one written."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(2, 2 * cpus)
+
+
+def run_blocks(
+    task: Callable[..., T],
+    items: Sequence[Any],
+    *args: Any,
+    num_cpus: float = 1.0,
+    max_in_flight: int | None = None,
+    reporter: Reporter | None = None,
+    message: str = "processing blocks",
+    max_retries: int = 3,
+) -> list[T]:
+    """Call ``task(item, *args)`` for every item as a Ray task; at most ``max_in_flight`` at once.
+
+    Results come back in item order. Task failures are retried by Ray (``max_retries``) —
+    blocks are idempotent writes of disjoint chunks — and re-raised if they persist.
+    """
+    reporter = reporter or NullReporter()
+    remote = ray.remote(task).options(
+        num_cpus=num_cpus,
+        max_retries=max_retries,
+        retry_exceptions=False,
+        runtime_env={"env_vars": carried_env()},
+    )
+    limit = max_in_flight or default_in_flight()
+    # Large shared arguments go to the object store once, not once per task.
+    shared = [ray.put(a) for a in args]
+    results: dict[int, T] = {}
+    pending: dict[ray.ObjectRef, int] = {}
+    next_item = 0
+    total = len(items)
+    reporter.progress(0, f"{message}: 0/{total}")
+    while next_item < total or pending:
+        while next_item < total and len(pending) < limit:
+            pending[remote.remote(items[next_item], *shared)] = next_item
+            next_item += 1
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            results[pending.pop(ref)] = ray.get(ref)
+        reporter.progress(100.0 * len(results) / total, f"{message}: {len(results)}/{total}")
+    return [results[i] for i in range(total)]

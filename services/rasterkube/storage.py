@@ -1,0 +1,114 @@
+"""Object-store access and atomic commit of outputs (DESIGN §3 "Outputs are atomic").
+
+A job writes its whole output under a hidden temporary sibling prefix and commits it at the
+end. On a local filesystem the commit is a rename. On object stores (no rename) the old
+output is removed, every object is copied, and the root ``zarr.json`` — which holds the
+consolidated metadata and is what every reader opens first — is copied last, so a store
+is only openable once it is complete. The temporary prefix is then deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Any, Final
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+ROOT_METADATA: Final = "zarr.json"
+TMP_MARKER: Final = ".tmp-"
+OLD_MARKER: Final = ".old-"
+ENV_S3_ENDPOINT: Final = "AWS_ENDPOINT_URL"
+
+
+def storage_options(uri: str) -> dict[str, Any]:
+    """fsspec options for ``uri``: the S3 endpoint comes from AWS_ENDPOINT_URL(_S3)."""
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(ENV_S3_ENDPOINT)
+        return {"endpoint_url": endpoint} if endpoint else {}
+    return {}
+
+
+def normalize(uri: str) -> str:
+    """Absolute local paths (so Ray workers in other directories agree); URLs unchanged."""
+    if "://" in uri:
+        return uri[len("file://") :] if uri.startswith("file://") else uri.rstrip("/")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    if "://" in uri:
+        return posixpath.join(uri, *parts)
+    return os.path.join(uri, *parts)
+
+
+def _sibling(uri: str, marker: str, token: str) -> str:
+    parent, name = uri.rstrip("/").rsplit("/", 1)
+    return f"{parent}/.{name}{marker}{token}"
+
+
+def temporary_uri(final_uri: str, run_id: str | None = None) -> str:
+    """A hidden sibling of ``final_uri`` to write into before the commit."""
+    return _sibling(final_uri, TMP_MARKER, run_id or uuid.uuid4().hex[:12])
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return bool(fs.exists(path))
+
+
+def is_committed(uri: str) -> bool:
+    """A committed store has its root metadata; a half-copied one does not."""
+    fs, path = filesystem(uri)
+    return bool(fs.exists(posixpath.join(path, ROOT_METADATA)))
+
+
+def remove(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def commit(tmp_uri: str, final_uri: str) -> None:
+    """Make ``tmp_uri`` appear at ``final_uri`` all at once, replacing an older output."""
+    fs, tmp = filesystem(tmp_uri)
+    _, final = filesystem(final_uri)
+    if not fs.exists(posixpath.join(tmp, ROOT_METADATA)):
+        raise RuntimeError(f"refusing to commit {tmp_uri}: it has no {ROOT_METADATA}")
+    if isinstance(fs, LocalFileSystem):
+        _commit_by_rename(fs, tmp, final)
+    else:
+        _commit_by_copy(fs, tmp, final)
+
+
+def _commit_by_rename(fs: fsspec.AbstractFileSystem, tmp: str, final: str) -> None:
+    old = None
+    if os.path.exists(final):
+        old = _sibling(final, OLD_MARKER, uuid.uuid4().hex[:12])
+        os.rename(final, old)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    os.rename(tmp, final)
+    if old:
+        fs.rm(old, recursive=True)
+
+
+def _commit_by_copy(fs: fsspec.AbstractFileSystem, tmp: str, final: str) -> None:
+    # Remove the old root metadata first: from here on the old output no longer opens, so a
+    # crash mid-copy cannot leave a mix of old and new chunks that looks like a store.
+    if fs.exists(final):
+        root = posixpath.join(final, ROOT_METADATA)
+        if fs.exists(root):
+            fs.rm(root)
+        fs.rm(final, recursive=True)
+    keys = [k for k in fs.find(tmp) if posixpath.relpath(k, tmp) != ROOT_METADATA]
+    for key in keys:
+        fs.copy(key, posixpath.join(final, posixpath.relpath(key, tmp)))
+    fs.copy(posixpath.join(tmp, ROOT_METADATA), posixpath.join(final, ROOT_METADATA))
+    fs.rm(tmp, recursive=True)
