@@ -39,16 +39,18 @@ class StoreError(UserError):
         self.field = field
 
 
-def _open_kwargs(uri: str) -> dict[str, Any]:
-    opts = storage.storage_options(uri)
-    return {"storage_options": opts} if opts else {}
+def _store(uri: str, read_only: bool = False) -> Any:
+    """A zarr store for ``uri``: a local path as is, anything else through fsspec."""
+    if "://" not in uri:
+        return uri
+    return zarr.storage.FsspecStore.from_url(uri, storage_options=storage.storage_options(uri), read_only=read_only)
 
 
 def _open_group(uri: str, mode: str = "r") -> zarr.Group:
     with warnings.catch_warnings():
         # zarr warns that consolidated metadata is not yet part of the v3 spec; we rely on it.
         warnings.simplefilter("ignore", UserWarning)
-        return zarr.open_group(uri, mode=mode, **_open_kwargs(uri))
+        return zarr.open_group(_store(uri, read_only=mode == "r"), mode=mode)
 
 
 def to_epoch_seconds(times: Sequence[np.datetime64] | np.ndarray) -> np.ndarray:
@@ -169,7 +171,7 @@ def add_variable(
 
 def write_region(uri: str, data_var: str, window: Window, data: np.ndarray, time: slice | int = slice(None)) -> None:
     """Write ``data`` ((time, band, y, x) or (time, y, x)) into a chunk-aligned window."""
-    arr = zarr.open_array(uri, path=data_var, mode="r+", **_open_kwargs(uri))
+    arr = zarr.open_array(_store(uri), path=data_var, mode="r+")
     ys, xs = window.slices
     if arr.ndim == 4:
         arr[time, :, ys, xs] = data
@@ -185,7 +187,7 @@ def read_region(
     time: slice = slice(None),
 ) -> np.ndarray:
     """Read (time, band, y, x) of ``window``; bands picked in the order given."""
-    arr = zarr.open_array(uri, path=data_var, mode="r", **_open_kwargs(uri))
+    arr = zarr.open_array(_store(uri, read_only=True), path=data_var, mode="r")
     ys, xs = window.slices
     block = arr[time, :, ys, xs]
     if band_indices is not None and list(band_indices) != list(range(arr.shape[1])):
@@ -233,7 +235,7 @@ def finalize(uri: str) -> None:
     """Consolidate all metadata into the root zarr.json (the object committed last)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        zarr.consolidate_metadata(uri, **_open_kwargs(uri))
+        zarr.consolidate_metadata(_store(uri))
 
 
 def open_dataset(uri: str) -> xr.Dataset:

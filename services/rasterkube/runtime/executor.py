@@ -75,12 +75,25 @@ def run_blocks(
     next_item = 0
     total = len(items)
     reporter.progress(0, f"{message}: 0/{total}")
-    while next_item < total or pending:
-        while next_item < total and len(pending) < limit:
-            pending[remote.remote(items[next_item], *shared)] = next_item
-            next_item += 1
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            results[pending.pop(ref)] = ray.get(ref)
-        reporter.progress(100.0 * len(results) / total, f"{message}: {len(results)}/{total}")
+    try:
+        while next_item < total or pending:
+            while next_item < total and len(pending) < limit:
+                pending[remote.remote(items[next_item], *shared)] = next_item
+                next_item += 1
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                results[pending.pop(ref)] = ray.get(ref)
+            reporter.progress(100.0 * len(results) / total, f"{message}: {len(results)}/{total}")
+    except BaseException:
+        _drain(list(pending))
+        raise
     return [results[i] for i in range(total)]
+
+
+def _drain(refs: list[ray.ObjectRef], timeout_s: float = 60.0) -> None:
+    """Cancel unfinished tasks and wait until they are gone, so none writes after the caller
+    has cleaned up its temporary output."""
+    for ref in refs:
+        ray.cancel(ref, force=True)
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
