@@ -13,6 +13,10 @@ from helpers.s3server import make_bucket, s3_env, s3_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Single-machine Ray: node IP = loopback, so every Ray process in the tests (embedded, `ray
+# start`, subprocesses) binds and talks on 127.0.0.1 only.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:

@@ -9,6 +9,7 @@ result in a CRD with printer columns, short names, the category and the status s
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -185,8 +186,23 @@ def crd_filename(kind: Kind) -> str:
     return f"{GROUP}_{kind.plural}.yaml"
 
 
+class _Yaml11SafeDumper(yaml.SafeDumper):
+    """Quotes every string YAML 1.1 reads as a boolean.
+
+    PyYAML only treats yes/no/true/false/on/off as booleans, but kubectl, Helm, Argo CD and
+    Flux parse YAML 1.1 with go-yaml, where a bare ``y`` or ``n`` is a boolean too: the
+    ``y`` property of a selector would arrive at the API server as ``true``.
+    """
+
+
+_Yaml11SafeDumper.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:y|Y|n|N)$"), list("yYnN")
+)
+
+
 def render(kind: Kind) -> str:
-    return GENERATED_HEADER + yaml.safe_dump(crd_for(kind), sort_keys=False, width=120, allow_unicode=True)
+    body = yaml.dump(crd_for(kind), Dumper=_Yaml11SafeDumper, sort_keys=False, width=120, allow_unicode=True)
+    return GENERATED_HEADER + body
 
 
 def write_crds(*directories: Path) -> list[Path]:

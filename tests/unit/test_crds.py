@@ -94,3 +94,30 @@ def test_cli_check_detects_drift(tmp_path: Path) -> None:
     assert main(["crds", "--check", "--out", str(tmp_path / "a"), "--copy", str(tmp_path / "b")]) == 0
     (tmp_path / "b" / crdgen.crd_filename(Kind.MOSAIC)).write_text("drift", encoding="utf-8")
     assert main(["crds", "--check", "--out", str(tmp_path / "a"), "--copy", str(tmp_path / "b")]) == 1
+
+
+def _all_rules(node: Any) -> list[dict[str, str]]:
+    found: list[dict[str, str]] = []
+    if isinstance(node, dict):
+        found.extend(node.get("x-kubernetes-validations", []))
+        for value in node.values():
+            found.extend(_all_rules(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(_all_rules(value))
+    return found
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_no_empty_cel_rules(kind: Kind) -> None:
+    rules = _all_rules(crdgen.crd_for(kind))
+    assert rules and all(r["rule"].strip() and r["message"].strip() for r in rules)
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_yaml_11_boolean_words_are_quoted(kind: Kind) -> None:
+    """go-yaml (kubectl, Helm, Argo CD, Flux) reads bare y/n/yes/no/on/off as booleans."""
+    import re
+
+    bare = re.compile(r"^\s*(?:- )?(y|Y|n|N|yes|no|on|off|true|false)\s*:", re.MULTILINE)
+    assert not bare.findall(crdgen.render(kind))

@@ -27,11 +27,14 @@ DATE_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9:.]+(Z|[+-][0-9]{2}:[0-9]{2})?
 BAND = Annotated[str, Field(min_length=1, max_length=128)]
 
 
-def _source_kinds_cel(allowed: set[SourceField], kind: Kind) -> dict[str, str]:
+def _source_kinds_cel(allowed: set[SourceField], kind: Kind) -> list[dict[str, str]]:
+    """The CEL rule forbidding source fields this kind cannot read (none if all are allowed)."""
     forbidden = [f.value for f in SourceField if f not in allowed]
+    if not forbidden:
+        return []
     rule = " && ".join(f"!has(self.source.{f})" for f in forbidden)
     names = ", ".join(sorted(f.value for f in allowed))
-    return cel(rule, f"source: a {kind.value} reads from {names}")
+    return [cel(rule, f"source: a {kind.value} reads from {names}")]
 
 
 def _check_source_kinds(source: Source, allowed: set[SourceField], kind: Kind) -> None:
@@ -213,7 +216,7 @@ class PredictionSpec(ApiModel):
         json_schema_extra={
             CEL: [
                 cel("self.clipSize * 2 < self.patchSize", "clipSize: must be less than patchSize/2"),
-                _source_kinds_cel(PREDICTION_SOURCES, Kind.PREDICTION),
+                *_source_kinds_cel(PREDICTION_SOURCES, Kind.PREDICTION),
             ]
         }
     )
@@ -285,7 +288,10 @@ class Selector(ApiModel):
         None, min_length=2, max_length=2, description="Column index range [start, stop)."
     )
     y: list[Annotated[int, Field(ge=0)]] | None = Field(
-        None, min_length=2, max_length=2, description="Row index range [start, stop)."
+        None,
+        min_length=2,
+        max_length=2,
+        description='Row index range [start, stop). Quote the key ("y":) in YAML: YAML 1.1 reads a bare y as true.',
     )
     bbox: list[float] | None = Field(
         None, min_length=4, max_length=4, description="[minx, miny, maxx, maxy] in bboxCrs."
@@ -311,7 +317,7 @@ CHANGE_SOURCES = {SourceField.MOSAIC_REF, SourceField.PREDICTION_REF, SourceFiel
 class ChangeScoreSpec(ApiModel):
     """Per-pixel temporal change scores over a raster time series."""
 
-    model_config = ConfigDict(json_schema_extra={CEL: [_source_kinds_cel(CHANGE_SOURCES, Kind.CHANGE_SCORE)]})
+    model_config = ConfigDict(json_schema_extra={CEL: _source_kinds_cel(CHANGE_SOURCES, Kind.CHANGE_SCORE)})
 
     source: Source = Field(description="The input time series (a Mosaic, an embedding Prediction or a store).")
     data_var: str = Field(DATA_VAR, min_length=1, description="Data variable of the source store.")
@@ -373,7 +379,7 @@ class VectorizationSpec(ApiModel):
         json_schema_extra={
             CEL: [
                 cel("self.connectivity == 4 || self.connectivity == 8", "connectivity: must be 4 or 8"),
-                _source_kinds_cel(VECTORIZE_SOURCES, Kind.VECTORIZATION),
+                *_source_kinds_cel(VECTORIZE_SOURCES, Kind.VECTORIZATION),
             ]
         }
     )

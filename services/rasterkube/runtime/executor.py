@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import ray
 
 from rasterkube.constants import ENV_RAY_ADDRESS
+from rasterkube.errors import UserError
 from rasterkube.runtime.progress import NullReporter, Reporter
 
 T = TypeVar("T")
+LOOPBACK = "127.0.0.1"
 
 # Settings the driver has that the workers need to reach storage (object store endpoint and
 # credentials, GDAL/rasterio tuning). Workers may run on other nodes, or were started before
@@ -29,14 +32,40 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get(ENV_RAY_ADDRESS)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError) as exc:
+            raise UserError(
+                f"RAY_ADDRESS={address}: cannot connect to the Ray cluster ({str(exc).splitlines()[0]}). "
+                "Check the address (host:port of the head's GCS, e.g. 127.0.0.1:6379); if the cluster uses "
+                "token auth set RAY_AUTH_MODE=token and make its token available (~/.ray/auth_token or "
+                "RAY_AUTH_TOKEN); unset RAY_ADDRESS to use an embedded local Ray"
+            ) from None
     else:
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             log_to_driver=True,
             configure_logging=False,
+            # The embedded Ray serves this process only: keep all of it on loopback.
+            _node_ip_address=LOOPBACK,
         )
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not after Ray's minutes of retries, when nothing listens at ``address``."""
+    target = address.removeprefix("ray://").removeprefix("http://")
+    if target in ("auto", "local") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"RAY_ADDRESS={address}: cannot connect to the Ray cluster ({exc}); start it (ray start --head) "
+            "or unset RAY_ADDRESS to use an embedded local Ray"
+        ) from None
 
 
 def default_in_flight() -> int:

@@ -1,0 +1,31 @@
+"""A real Ray head started with `ray start`, on loopback, for RAY_ADDRESS tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from helpers.s3server import free_port
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@contextmanager
+def ray_head(tmp: Path, num_cpus: int = 1) -> Iterator[dict[str, str]]:
+    """Yields the env a client needs: RAY_ADDRESS (GCS) and the dashboard (Jobs API) URL."""
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(tmp)}
+    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={num_cpus}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+           f"--temp-dir={tmp}"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ray start failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+    try:
+        yield {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token", "DASHBOARD": f"http://127.0.0.1:{dash}"}
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
