@@ -81,9 +81,10 @@ _ID_SAFE = re.compile(r"[^a-z0-9-]")
 def job_id(kind: Kind | str, name: str, uid: str, generation: int) -> str:
     """Deterministic from uid + generation, so an operator restart finds the same job.
 
-    Valid as a Ray submission id and as a Kubernetes object name (≤ 63 chars, DNS label).
+    Valid as a Ray submission id and as a KubeRay RayJob name: ≤ 47 characters (KubeRay
+    appends 6 for the cluster name), starting with a letter.
     """
-    base = _ID_SAFE.sub("-", f"{Kind(kind).singular[:4]}-{name}".lower())[:40].rstrip("-")
+    base = _ID_SAFE.sub("-", f"{Kind(kind).singular[:4]}-{name}".lower())[:30].rstrip("-")
     return f"{base}-{uid.replace('-', '')[:8]}-g{generation}"
 
 
