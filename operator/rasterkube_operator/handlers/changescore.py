@@ -1,0 +1,7 @@
+"""kopf handlers for ChangeScore resources: the shared level-triggered reconcile (handlers.common).
+
+Kind-specific hooks (extra watches, clean-up of shared deployments) belong here."""
+
+from rasterkube.constants import Kind
+
+KIND = Kind.CHANGE_SCORE
