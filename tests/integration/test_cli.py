@@ -31,7 +31,7 @@ def example_dir(tmp_path: Path, landsat_store: str) -> Path:
     """A working directory laid out as the example expects (source at out/samples/...)."""
     (tmp_path / "out" / "samples").mkdir(parents=True)
     shutil.copytree(landsat_store, tmp_path / "out" / "samples" / "landsat-annual.zarr")
-    shutil.copy(REPO / "examples" / "changescore-landsat.yaml", tmp_path / "cs.yaml")
+    shutil.copy(REPO / "examples" / "local" / "changescore-landsat.yaml", tmp_path / "cs.yaml")
     return tmp_path
 
 

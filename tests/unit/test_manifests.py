@@ -98,3 +98,10 @@ def test_ref_to_committed_output_of_earlier_run(tmp_path: Path) -> None:
     (produced / "zarr.json").write_text("{}", encoding="utf-8")
     order = plan(load([write(tmp_path, cs("a", "{mosaicRef: {name: m}}"))]), str(root))
     assert order[0].source_uri == str(produced)
+
+
+def test_every_shipped_example_is_valid() -> None:
+    examples = sorted((Path(__file__).resolve().parents[2] / "examples").rglob("*.yaml"))
+    assert examples
+    for path in examples:
+        assert load([path]), path
