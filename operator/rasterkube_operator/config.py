@@ -21,6 +21,7 @@ class OperatorConfig:
     health_port: int = 8080
     listen_host: str = "0.0.0.0"
     poll_interval_s: float = 2.0
+    max_running_jobs: int = 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--health-port", type=int, default=8080, help="liveness /healthz port")
     parser.add_argument("--listen-host", default="0.0.0.0", help="address for metrics and health endpoints")
     parser.add_argument("--poll-interval", type=float, default=2.0, help="seconds between job status polls")
+    parser.add_argument("--max-running-jobs", type=int, default=int(os.environ.get("RASTERKUBE_MAX_RUNNING_JOBS", "0")),
+                        help="admission limit: more resources wait in Pending (reason Queued); 0 = no limit")  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> OperatorConfig:
@@ -48,4 +51,5 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         health_port=args.health_port,
         listen_host=args.listen_host,
         poll_interval_s=args.poll_interval,
+        max_running_jobs=args.max_running_jobs,
     )

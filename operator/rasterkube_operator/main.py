@@ -41,6 +41,7 @@ def build_registry(cfg: OperatorConfig) -> kopf.OperatorRegistry:
         storage_root=cfg.storage_root,
         job_env=reconcile.job_env_from({**os.environ, ENV_STORAGE_ROOT: cfg.storage_root}),
         metrics=metrics.PrometheusMetrics(),
+        slots=reconcile.JobSlots(cfg.max_running_jobs),
     )
     registry = kopf.OperatorRegistry()
 

@@ -16,6 +16,7 @@ A spec change is a new generation, hence a new job id: the old generation's job 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -68,6 +69,37 @@ class NoMetrics:
     def finished(self, kind: Kind, phase: Phase, seconds: float | None) -> None: ...
 
 
+class JobSlots:
+    """Admission control: at most ``limit`` jobs running at once (0 = no limit).
+
+    In memory: after an operator restart the set refills as reconciles observe the jobs that
+    are still running, within one poll interval."""
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit
+        self._active: set[str] = set()
+        self._lock = threading.Lock()
+
+    def try_acquire(self, job_id: str) -> bool:
+        with self._lock:
+            if self.limit and job_id not in self._active and len(self._active) >= self.limit:
+                return False
+            self._active.add(job_id)
+            return True
+
+    def hold(self, job_id: str) -> None:
+        with self._lock:
+            self._active.add(job_id)
+
+    def release(self, job_id: str) -> None:
+        with self._lock:
+            self._active.discard(job_id)
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+
 @dataclass
 class Deps:
     backend: Backend
@@ -76,6 +108,7 @@ class Deps:
     job_env: dict[str, str] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=NoMetrics)
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    slots: JobSlots = field(default_factory=JobSlots)
 
 
 def owner_of(obj: dict[str, Any]) -> Owner:
@@ -192,7 +225,14 @@ def reconcile(obj: dict[str, Any], deps: Deps) -> Observation | None:
     if state.state == JobState.MISSING:
         if isinstance(source, Waiting) or (source is None and getattr(resource.spec, "source", None) is not None):
             return Observation(Phase.WAITING, Reason.WAITING_FOR_SOURCE, "source is no longer available")
-        url = deps.backend.submit(_job_spec(resource, request, owner, deps))
+        if not deps.slots.try_acquire(jid):
+            message = f"queued: {deps.slots.running} jobs running (limit {deps.slots.limit})"
+            return Observation(Phase.PENDING, Reason.QUEUED, message, job=_clean(job))
+        try:
+            url = deps.backend.submit(_job_spec(resource, request, owner, deps))
+        except BaseException:
+            deps.slots.release(jid)
+            raise
         deps.metrics.submitted(kind)
         job["dashboardUrl"] = url or job.get("dashboardUrl")
         return Observation(
@@ -213,9 +253,11 @@ def _observe(
         job["dashboardUrl"] = state.dashboard_url
     job = _clean(job)
     if state.state in (JobState.PENDING, JobState.RUNNING):
+        deps.slots.hold(request.run_id)
         progress = state.progress or {"percent": 0, "message": state.message or state.state.value.lower()}
         reason = Reason.JOB_RUNNING if state.state == JobState.RUNNING else Reason.JOB_SUBMITTED
         return Observation(Phase.RUNNING, reason, progress.get("message", ""), progress=progress, job=job)
+    deps.slots.release(request.run_id)
     duration = _seconds_since(status.get("startTime"), deps.clock())
     if state.state == JobState.SUCCEEDED:
         result = state.result or {}
@@ -281,6 +323,7 @@ def on_delete(obj: dict[str, Any], deps: Deps) -> None:
     jid = (status.get("job") or {}).get("id")
     if jid and status.get("phase") not in TERMINAL_PHASES:
         deps.backend.stop(jid, owner_of(obj))
+        deps.slots.release(jid)
         deps.kube.event(obj, EVENT_NORMAL, Reason.JOB_STOPPED.value, f"stopped job {jid}: resource deleted")
 
 

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev_up.add_argument("--no-samples", action="store_true", help="do not seed the sample store into S3")
     dev_down = dev_sub.add_parser("down", help="stop the dev stack")
     for dev_parser in (dev_up, dev_down):
-        dev_parser.add_argument("--dir", default=".rasterkube-dev", help="state, logs and env.sh (default: %(default)s)")
+        dev_parser.add_argument("--dir", default=".rasterkube-dev", help="state, logs, env.sh (default: %(default)s)")
     dev.set_defaults(fn=cmd_dev)
     return parser
 

@@ -50,6 +50,7 @@ class Reason(StrEnum):
 
     CREATED = "Created"
     WAITING_FOR_SOURCE = "WaitingForSource"
+    QUEUED = "Queued"
     JOB_SUBMITTED = "JobSubmitted"
     JOB_RUNNING = "JobRunning"
     JOB_SUCCEEDED = "JobSucceeded"

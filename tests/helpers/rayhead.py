@@ -30,4 +30,30 @@ def ray_head(tmp: Path, num_cpus: int = 1) -> Iterator[dict[str, str]]:
     try:
         yield {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token", "DASHBOARD": f"http://127.0.0.1:{dash}"}
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_head(tmp)
+
+
+def stop_head(tmp: Path, timeout_s: float = 30.0) -> None:
+    """Stop only this head: the processes whose command line names its temp dir, and their
+    children. (`ray stop` would kill every Ray on the machine, the test session's own too.)"""
+    import psutil
+
+    marker = str(tmp)
+    procs: list[psutil.Process] = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in arg for arg in proc.info["cmdline"] or ()):
+                procs.extend([proc, *proc.children(recursive=True)])
+        except psutil.Error:
+            continue
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass

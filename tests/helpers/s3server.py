@@ -1,15 +1,19 @@
-"""A real S3-compatible server process (moto in server mode) on a free loopback port."""
+"""A real S3-compatible server process (moto in server mode) on a free loopback port.
+
+The command line, readiness probe and bucket creation are the dev stack's
+(:mod:`rasterkube_operator.devstack.s3`); here the server is a plain child process that the
+test session stops itself.
+"""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
-import time
-import urllib.request
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rasterkube_operator.devstack import s3 as devstack_s3
 
 ACCESS_KEY = "rasterkube-test"
 SECRET_KEY = "rasterkube-test-secret"
@@ -22,12 +26,7 @@ def free_port() -> int:
 
 
 def s3_env(endpoint: str) -> dict[str, str]:
-    return {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    return devstack_s3.credentials_env(endpoint, ACCESS_KEY, SECRET_KEY)
 
 
 @contextmanager
@@ -35,20 +34,9 @@ def s3_server(log_path: str) -> Iterator[str]:
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **s3_env(endpoint)},
-        )  # fmt: skip
+        proc = subprocess.Popen(devstack_s3.moto_command(port), stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"S3 server did not start; see {log_path}") from None
-                time.sleep(0.2)
+        devstack_s3.wait_ready(endpoint, proc, Path(log_path), timeout_s=30)
         yield endpoint
     finally:
         proc.terminate()
@@ -59,8 +47,4 @@ def s3_server(log_path: str) -> Iterator[str]:
 
 
 def make_bucket(endpoint: str, bucket: str) -> None:
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY,
-                          aws_secret_access_key=SECRET_KEY, region_name="us-east-1")  # fmt: skip
-    client.create_bucket(Bucket=bucket)
+    devstack_s3.create_buckets(endpoint, [bucket], ACCESS_KEY, SECRET_KEY)

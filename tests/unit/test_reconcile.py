@@ -216,3 +216,20 @@ def test_transition_time_moves_only_when_status_flips() -> None:
     assert {c["type"]: c["lastTransitionTime"] for c in done["conditions"]} == {"Ready": "t3", "Reconciling": "t3",
                                                                                "Stalled": "t1"}  # fmt: skip
     assert not changed(again, build_status(again, Observation(Phase.RUNNING, Reason.JOB_RUNNING, "b"), 1, "t9"))
+
+
+def test_admission_limit_queues_then_admits(env) -> None:
+    backend, kube, deps, src = env
+    deps.slots = reconcile.JobSlots(limit=1)
+    kube.add(change_score("a", source={"uri": src}, uid="u-a"))
+    kube.add(change_score("b", source={"uri": src}, uid="u-b"))
+    for name in ("a", "b"):
+        step(kube, deps, name)
+    assert step(kube, deps, "a")["phase"] == "Running"
+    queued = step(kube, deps, "b")
+    assert queued["phase"] == "Pending" and queued["progress"]["message"] == "queued: 1 jobs running (limit 1)"
+    assert {c["type"]: c["reason"] for c in queued["conditions"]}["Reconciling"] == "Queued"
+    assert len(backend.submitted) == 1
+    backend.jobs[backend.submitted[0].job_id] = JobStatus(JobState.SUCCEEDED, result={"ok": True, "uri": "u"})
+    assert step(kube, deps, "a")["phase"] == "Succeeded"
+    assert step(kube, deps, "b")["phase"] == "Running" and len(backend.submitted) == 2

@@ -155,7 +155,9 @@ class S3Server:
     def start(self, *, buckets: Sequence[str] = (DEFAULT_BUCKET,), timeout_s: float = READY_TIMEOUT_S) -> str:
         """Start the server, wait until it answers, create ``buckets``; returns the endpoint URL."""
         if self.is_running():
-            raise S3ServerError(f"an S3 server is already running in {self.directory} ({self.endpoint}); stop() it first")
+            raise S3ServerError(
+                f"an S3 server is already running in {self.directory} ({self.endpoint}); stop() it first"
+            )
         _check_moto_installed()
         for attempt in range(1, PORT_ATTEMPTS + 1):
             port = _free_port()
@@ -292,7 +294,9 @@ def session_processes(leader: int, leader_ticks: int | None) -> list[tuple[int, 
 
 def _record_processes(record: Mapping[str, object]) -> list[tuple[int, int]]:
     ticks = record.get("start_ticks")
-    return session_processes(int(record["pid"]), int(ticks) if isinstance(ticks, int) else None)  # type: ignore[call-overload]
+    pid = record["pid"]
+    assert isinstance(pid, int)
+    return session_processes(pid, ticks if isinstance(ticks, int) else None)
 
 
 def is_running(pid_file: Path) -> bool:

@@ -75,6 +75,7 @@ POLL_INTERVAL_S = 0.2
 #: AF_UNIX socket paths are limited to 107 bytes; Ray appends ~63 characters
 #: (``/session_<date>_<time>_<us>_<pid>/sockets/plasma_store``) to its temp dir.
 MAX_RAY_TEMP_DIR_CHARS = 40
+RAY_TEMP_PREFIX = "rk-ray-"
 
 #: Environment that every Ray process and the operator need on a single machine.
 RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -267,7 +268,7 @@ def _ray_temp_dir(directory: Path) -> Path:
     if len(str(preferred)) <= MAX_RAY_TEMP_DIR_CHARS:
         return preferred
     base = "/tmp" if Path("/tmp").is_dir() else None
-    short = Path(tempfile.mkdtemp(prefix="rk-ray-", dir=base))
+    short = Path(tempfile.mkdtemp(prefix=RAY_TEMP_PREFIX, dir=base))
     link = preferred
     if link.is_symlink() or link.exists():
         if link.is_symlink() or link.is_file():
@@ -281,7 +282,8 @@ def _ray_temp_dir(directory: Path) -> Path:
 def _run(cmd: Sequence[str], *, env: Mapping[str, str], what: str, timeout_s: float = KUBECTL_TIMEOUT_S) -> str:
     proc = subprocess.run(list(cmd), env=dict(env), capture_output=True, text=True, timeout=timeout_s, check=False)
     if proc.returncode != 0:
-        raise StackError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        output = proc.stdout[-3000:] + proc.stderr[-3000:]
+        raise StackError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{output}")
     return proc.stdout
 
 
@@ -291,8 +293,9 @@ def _run(cmd: Sequence[str], *, env: Mapping[str, str], what: str, timeout_s: fl
 
 
 def _render_crds(directory: Path) -> list[Path]:
+    """The rasterkube CRDs from the API models (what `rasterkube crds` writes to crds/)."""
     from rasterkube import crdgen
-    from rasterkube.constants import GROUP, Kind
+    from rasterkube.constants import Kind
 
     out = directory / CRD_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -301,7 +304,6 @@ def _render_crds(directory: Path) -> list[Path]:
         path = out / crdgen.crd_filename(kind)
         path.write_text(crdgen.render(kind), encoding="utf-8")
         paths.append(path)
-    assert GROUP  # the names below are <plural>.<GROUP>
     return paths
 
 
@@ -319,8 +321,8 @@ def _install_crds(directory: Path, kubectl: Path, kubeconfig: Path, kuberay_crds
         cmd += ["-f", str(path)]
     _run(cmd, env=env, what="installing the CRDs")
     names = [*rasterkube_crd_names(), *KUBERAY_CRD_FILES.values()]
-    _run([str(kubectl), "wait", "--for=condition=Established", f"--timeout={int(KUBECTL_TIMEOUT_S)}s",
-          *(f"crd/{n}" for n in names)], env=env, what="waiting for the CRDs", timeout_s=KUBECTL_TIMEOUT_S + 10)  # fmt: skip
+    wait = [str(kubectl), "wait", "--for=condition=Established", f"--timeout={int(KUBECTL_TIMEOUT_S)}s"]
+    _run([*wait, *(f"crd/{n}" for n in names)], env=env, what="waiting for the CRDs", timeout_s=KUBECTL_TIMEOUT_S + 10)
 
 
 def _link_tools(directory: Path, tools: Mapping[str, Path]) -> Path:
@@ -421,6 +423,10 @@ def operator_command(info: StackInfo, metrics_port: int, health_port: int) -> li
     return argv
 
 
+ENV_MAX_RUNNING_JOBS = "RASTERKUBE_MAX_RUNNING_JOBS"
+DEV_MAX_RUNNING_JOBS = 4
+
+
 def operator_env(info: StackInfo) -> dict[str, str]:
     env = _base_env()
     env.update(
@@ -431,6 +437,9 @@ def operator_env(info: StackInfo) -> dict[str, str]:
             ENV_STORAGE_ROOT: info.storage_root,
         }
     )
+    # Each Ray job driver is a Python process of a few hundred MiB: on a laptop-sized dev
+    # stack, admit a few jobs at a time and queue the rest (status reason Queued).
+    env.setdefault(ENV_MAX_RUNNING_JOBS, str(DEV_MAX_RUNNING_JOBS))
     return env
 
 
@@ -438,7 +447,9 @@ def operator_running(directory: Path) -> bool:
     return s3.is_running(_pid_file(Path(directory).resolve(), OPERATOR))
 
 
-def start_operator(directory: Path, *, timeout_s: float = OPERATOR_READY_TIMEOUT_S, verbose: bool = False) -> StackInfo:
+def start_operator(
+    directory: Path, *, timeout_s: float = OPERATOR_READY_TIMEOUT_S, verbose: bool = False
+) -> StackInfo:
     """(Re)start only the operator of the stack in ``directory`` and wait for its /healthz.
 
     Reuses the previous metrics/health ports when they are free, so URLs stay stable across
@@ -452,12 +463,14 @@ def start_operator(directory: Path, *, timeout_s: float = OPERATOR_READY_TIMEOUT
         return info
     missing = [name for name, alive in _core_running(directory).items() if not alive]
     if missing:
-        raise StackError(f"the dev stack in {directory} is not running ({', '.join(missing)} down); run `rasterkube dev up`")
+        raise StackError(
+            f"the dev stack in {directory} is not running ({', '.join(missing)} down); run `rasterkube dev up`"
+        )
     s3.stop_detached(pid_file, timeout_s=OPERATOR_STOP_TIMEOUT_S)  # a hung one, or a stale pid file
     previous = _read_state(directory) or {}
-    old_ports = previous.get("operator_ports") if isinstance(previous.get("operator_ports"), dict) else {}
-    metrics_port = int(old_ports.get("metrics", 0)) if old_ports else 0  # type: ignore[union-attr]
-    health_port = int(old_ports.get("health", 0)) if old_ports else 0  # type: ignore[union-attr]
+    old_ports = previous.get("operator_ports")
+    old = old_ports if isinstance(old_ports, dict) else {}
+    metrics_port, health_port = int(old.get("metrics") or 0), int(old.get("health") or 0)
     if not (metrics_port and _port_free(metrics_port)):
         metrics_port = _free_port()
     if not (health_port and health_port != metrics_port and _port_free(health_port)):
@@ -488,7 +501,9 @@ def start_operator(directory: Path, *, timeout_s: float = OPERATOR_READY_TIMEOUT
     return info
 
 
-def stop_operator(directory: Path, sig: signal.Signals = signal.SIGTERM, timeout_s: float = OPERATOR_STOP_TIMEOUT_S) -> bool:
+def stop_operator(
+    directory: Path, sig: signal.Signals = signal.SIGTERM, timeout_s: float = OPERATOR_STOP_TIMEOUT_S
+) -> bool:
     """Stop only the operator (SIGTERM: graceful; SIGKILL: a crash). True if one was running."""
     directory = Path(directory).resolve()
     stopped = s3.stop_detached(_pid_file(directory, OPERATOR), sig=sig, timeout_s=timeout_s)
@@ -597,7 +612,10 @@ def up(
                    namespaces=list(namespaces), ray_cpus=ray_cpus or os.cpu_count() or 1, verbose=verbose)  # fmt: skip
     except BaseException:
         _say(verbose, f"dev stack failed to start; stopping what was started (logs stay in {directory / 'logs'})")
-        down(directory, verbose=False)
+        try:
+            down(directory, verbose=False)
+        except Exception as exc:  # keep the original error; say what could not be cleaned up
+            _say(True, f"warning: stopping the partly started stack failed: {exc}")
         raise
 
 
@@ -651,7 +669,7 @@ def _up(
             seeding = _start_seeding(directory, s3_env, SAMPLE_URI) if seed_samples else None
             ray = _timed(timings, "ray_head", lambda: _start_ray_head(directory, s3_env, ray_cpus))
             assert isinstance(ray, dict)
-            _say(verbose, f"  Ray head ready ({timings['ray_head']:.1f}s): {ray['address']}, dashboard {ray['dashboard']}")
+            _say(verbose, f"  Ray head ready ({timings['ray_head']:.1f}s): {ray['address']}, {ray['dashboard']}")
             if seeding is not None:
                 _wait_seeding(directory, seeding)
                 timings["samples"] = round(time.monotonic() - seed_started, 2)
@@ -677,6 +695,7 @@ def _up(
     _write_state(directory, {**info.to_json(), "ray_ports": ray["ports"]})
     if with_operator:
         info = start_operator(directory, verbose=verbose)
+        timings["operator"] = info.timings["operator"]
     timings["total"] = round(time.monotonic() - started, 2)
     info.timings = timings
     state = _read_state(directory) or {}
@@ -695,14 +714,30 @@ def down(directory: Path, *, verbose: bool = True) -> dict[str, bool]:
     """
     directory = Path(directory).resolve()
     state = _read_state(directory) or {}
+    ray_record = s3.read_record(_pid_file(directory, RAY)) or {}
+    temp = state.get("ray_temp_dir") or ray_record.get("temp_dir")  # the latter if up() failed early
+    # The operator first (it talks to the others), then the rest side by side: Ray's
+    # gcs_server and raylet take seconds to honour SIGTERM.
     stopped = {OPERATOR: s3.stop_detached(_pid_file(directory, OPERATOR), timeout_s=OPERATOR_STOP_TIMEOUT_S)}
-    stopped[RAY] = s3.stop_detached(_pid_file(directory, RAY), timeout_s=RAY_STOP_TIMEOUT_S)
-    stopped[S3] = s3.stop_detached(_pid_file(directory, S3))
     plane = ControlPlane(directory / K8S_DIR)
-    stopped["control-plane"] = plane.is_running()
-    plane.stop()
-    temp = state.get("ray_temp_dir")
-    if isinstance(temp, str) and temp and not Path(temp).resolve().is_relative_to(directory):
+
+    def stop_plane() -> bool:
+        was = plane.is_running()
+        plane.stop()
+        return was
+
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="devstack-down") as pool:
+        futures = {
+            RAY: pool.submit(s3.stop_detached, _pid_file(directory, RAY), timeout_s=RAY_STOP_TIMEOUT_S),
+            S3: pool.submit(s3.stop_detached, _pid_file(directory, S3)),
+            "control-plane": pool.submit(stop_plane),
+        }
+        stopped.update({name: future.result() for name, future in futures.items()})
+    if (
+        isinstance(temp, str)
+        and Path(temp).name.startswith(RAY_TEMP_PREFIX)  # only the short dir _ray_temp_dir made
+        and not Path(temp).resolve().is_relative_to(directory)
+    ):
         shutil.rmtree(temp, ignore_errors=True)
         if (directory / "ray").is_symlink():
             (directory / "ray").unlink()
