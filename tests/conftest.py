@@ -16,6 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 # Single-machine Ray: node IP = loopback, so every Ray process in the tests (embedded, `ray
 # start`, subprocesses) binds and talks on 127.0.0.1 only.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# Ray reads its auth mode once per process; the Ray heads the tests start (and the embedded
+# one) use token auth, so every client in this process must too.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 
 @pytest.fixture(scope="session")

@@ -108,7 +108,9 @@ def _commit_by_copy(fs: fsspec.AbstractFileSystem, tmp: str, final: str) -> None
             fs.rm(root)
         fs.rm(final, recursive=True)
     keys = [k for k in fs.find(tmp) if posixpath.relpath(k, tmp) != ROOT_METADATA]
-    for key in keys:
-        fs.copy(key, posixpath.join(final, posixpath.relpath(key, tmp)))
+    if keys:
+        # One call with lists: s3fs runs the server-side copies concurrently (a store has
+        # thousands of chunk objects; copying them one by one took minutes).
+        fs.copy(keys, [posixpath.join(final, posixpath.relpath(k, tmp)) for k in keys])
     fs.copy(posixpath.join(tmp, ROOT_METADATA), posixpath.join(final, ROOT_METADATA))
     fs.rm(tmp, recursive=True)

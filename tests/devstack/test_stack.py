@@ -148,7 +148,9 @@ def test_up_with_the_operator_serves_healthz_and_survives_a_kill(dev: stack.Stac
     assert stack.stop_operator(dev.directory, signal.SIGKILL)
     assert not s3.is_alive(pid) and http_status(info.operator_health) is None
     restarted = stack.start_operator(dev.directory)
-    assert restarted.operator_health == info.operator_health, "same ports after a restart"
+    # The ports are reused when still free; a killed listener's port may not be yet, so the
+    # contract is that stack.json and env point at wherever the new operator listens.
+    assert restarted.operator_health and stack.load(dev.directory).operator_health == restarted.operator_health
     assert http_status(restarted.operator_health) == 200
 
 

@@ -78,9 +78,9 @@ def ray_client(info: devstack.StackInfo):
 
 @pytest.fixture(scope="module")
 def slow_source(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Many small blocks (1024 tasks): a job that runs long enough to be interrupted."""
+    """Many small blocks (256 tasks): a job that runs long enough to be interrupted."""
     uri = str(tmp_path_factory.mktemp("slow") / "slow.zarr")
-    return write_store(uri, random_series(5, 4, 256, 256, seed=11), chunk=8)
+    return write_store(uri, random_series(5, 4, 256, 256, seed=11), chunk=16)
 
 
 def test_chart_installs_with_server_side_dry_run(stack: devstack.StackInfo) -> None:

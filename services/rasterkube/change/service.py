@@ -173,6 +173,7 @@ def run(resource: ChangeScore, ctx: JobContext, reporter: Reporter) -> JobResult
             reporter=reporter,
             message="scoring blocks",
         )
+        reporter.progress(99, "committing output")
         geozarr.finalize(tmp)
         storage.commit(tmp, request.output_uri)
     except BaseException:
