@@ -8,19 +8,17 @@ status subresource the way the KubeRay operator would.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from helpers.kube import get, kubectl, wait_for
 from helpers.s3server import free_port
-from rasterkube_operator.devstack import binaries
 from rasterkube_operator.devstack import stack as devstack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -54,30 +52,6 @@ def kuberay_operator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devst
         proc.terminate()
         proc.wait(30)
         devstack.down(directory, verbose=False)
-
-
-def kubectl(info: devstack.StackInfo, *args: str, input: str | None = None, check: bool = True):
-    cmd = [str(binaries.ensure_kubectl()), "--kubeconfig", str(info.kubeconfig), *args]
-    proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"kubectl {' '.join(args)}: {proc.stderr}")
-    return proc
-
-
-def get(info, kind: str, name: str) -> dict[str, Any] | None:
-    proc = kubectl(info, "get", kind, name, "-n", NAMESPACE, "-o", "json", check=False)
-    return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-
-def wait_for(info, kind: str, name: str, predicate, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    obj = None
-    while time.monotonic() < deadline:
-        obj = get(info, kind, name)
-        if obj is not None and predicate(obj):
-            return obj
-        time.sleep(0.3)
-    raise AssertionError(f"{kind}/{name}: condition not met in {timeout}s; last: {json.dumps(obj)[:1500]}")
 
 
 def apply_change_score(info, name: str, gpus: int = 0) -> dict[str, Any]:

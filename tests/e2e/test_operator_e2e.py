@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from helpers.kube import get, kubectl, status_is
+from helpers.kube import wait_for as wait_for_object
 from helpers.stores import random_series, write_store
 from rasterkube import geozarr, storage
 from rasterkube_operator.devstack import binaries
@@ -38,28 +40,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack.StackIn
         devstack.down(directory, verbose=False)
 
 
-def kubectl(info: devstack.StackInfo, *args: str, input: str | None = None, check: bool = True):
-    cmd = [str(binaries.ensure_kubectl()), "--kubeconfig", str(info.kubeconfig), *args]
-    proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr}")
-    return proc
-
-
-def get(info: devstack.StackInfo, kind: str, name: str) -> dict[str, Any] | None:
-    proc = kubectl(info, "get", kind, name, "-o", "json", check=False)
-    return json.loads(proc.stdout) if proc.returncode == 0 else None
-
-
 def wait_for(info, kind: str, name: str, predicate, timeout: float = 180) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    obj: dict[str, Any] | None = None
-    while time.monotonic() < deadline:
-        obj = get(info, kind, name)
-        if obj is not None and predicate(obj.get("status") or {}):
-            return obj
-        time.sleep(0.3)
-    raise AssertionError(f"{kind}/{name} did not get there in {timeout}s; last: {json.dumps(obj)[:2000]}")
+    """Wait on the object's status."""
+    return wait_for_object(info, kind, name, status_is(predicate), timeout)
 
 
 def manifest(name: str, source_uri: str, **spec: Any) -> str:
