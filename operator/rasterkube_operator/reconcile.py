@@ -223,7 +223,8 @@ def reconcile(obj: dict[str, Any], deps: Deps) -> Observation | None:
 
     state = deps.backend.status(jid, owner)
     if state.state == JobState.MISSING:
-        if isinstance(source, Waiting) or (source is None and getattr(resource.spec, "source", None) is not None):
+        if source is None and getattr(resource.spec, "source", None) is not None:
+            # recorded but never submitted, and the source has gone away meanwhile
             return Observation(Phase.WAITING, Reason.WAITING_FOR_SOURCE, "source is no longer available")
         if not deps.slots.try_acquire(jid):
             message = f"queued: {deps.slots.running} jobs running (limit {deps.slots.limit})"
