@@ -204,9 +204,8 @@ def test_kuberay_backend_args_and_template_env() -> None:
     assert variables["RASTERKUBE_KUBERAY_RAY_VERSION"] == ray_pin(), "kuberay.rayVersion must match the image's ray"
     assert json.loads(variables["RASTERKUBE_KUBERAY_CLUSTER_SELECTOR"]) == {}
     assert json.loads(variables["RASTERKUBE_KUBERAY_HEAD_RESOURCES"])["requests"]["cpu"] == "1"
-    assert json.loads(variables["RASTERKUBE_KUBERAY_WORKER_RESOURCES"])["limits"]["memory"] == "8Gi"
-    replicas = [int(variables[f"RASTERKUBE_KUBERAY_WORKER_{k}REPLICAS"]) for k in ("MIN_", "", "MAX_")]
-    assert replicas == sorted(replicas) == [0, 1, 4]
+    # workers are sized per resource (spec.resources), never by chart-wide values
+    assert not [name for name in variables if name.startswith("RASTERKUBE_KUBERAY_WORKER_")]
 
 
 def test_kuberay_cluster_selector_and_image_are_passed_as_given() -> None:
@@ -265,12 +264,11 @@ def test_s3_secret_is_referenced_by_name_and_key() -> None:
         (("--set", "ray.address="), "needs ray.address"),
         (("--set", "storage.root="), "storage.root is required"),
         (("--set", "watchNamespaces={Bad_NS}"), "not a valid namespace name"),
-        (("--set", "kuberay.workerGroup.minReplicas=5"), "minReplicas <= replicas <= maxReplicas"),
         (("--set", "metrics.enabled=false", "--set", "metrics.serviceMonitor.enabled=true"), "needs metrics.enabled"),
         (("--set", "storage.s3.credentialsSecret.name=s", "--set", "storage.s3.credentialsSecret.accessKeyIdKey="),
          "accessKeyIdKey and secretAccessKeyKey"),
     ],
-    ids=["inline-secret", "backend", "ray-address", "storage-root", "namespace", "replicas", "servicemonitor", "key"],
+    ids=["inline-secret", "backend", "ray-address", "storage-root", "namespace", "servicemonitor", "key"],
 )  # fmt: skip
 def test_invalid_values_are_rejected_with_a_fix(args: tuple[str, ...], message: str) -> None:
     proc = template(*args)

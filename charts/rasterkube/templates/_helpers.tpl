@@ -66,11 +66,6 @@ Validate values; fails the render with a message that says what to change.
 {{- fail "storage.s3.credentialsSecret needs accessKeyIdKey and secretAccessKeyKey when name is set" }}
 {{- end }}
 {{- end }}
-{{- with .Values.kuberay.workerGroup }}
-{{- if or (gt (int .minReplicas) (int .replicas)) (gt (int .replicas) (int .maxReplicas)) }}
-{{- fail (printf "kuberay.workerGroup needs minReplicas <= replicas <= maxReplicas, got %v <= %v <= %v" .minReplicas .replicas .maxReplicas) }}
-{{- end }}
-{{- end }}
 {{- range .Values.watchNamespaces }}
 {{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" (toString .)) }}
 {{- fail (printf "watchNamespaces: %q is not a valid namespace name" (toString .)) }}
