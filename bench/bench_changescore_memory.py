@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PeakRss, emit  # noqa: E402
 from helpers.stores import write_store  # noqa: E402
 
 YEARS, BANDS = 9, 64
@@ -32,16 +33,6 @@ def make_store(uri: str, side: int, chunk: int) -> None:
     noise = rng.integers(-8, 9, size=(YEARS, BANDS, side, side), dtype=np.int16)
     data = np.clip(base + noise, -127, 127).astype(np.int8)
     write_store(uri, data, chunk=chunk, bands=[f"A{i:02d}" for i in range(BANDS)], start_year=2017)
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
 
 
 def run_job(src: str, out: str, multiplier: int) -> dict[str, float]:
@@ -57,16 +48,13 @@ def run_job(src: str, out: str, multiplier: int) -> dict[str, float]:
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "rasterkube.jobs", "changescore", "--spec", json.dumps(request)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, start_new_session=True)  # fmt: skip
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, tree_rss(ps))
-        time.sleep(0.05)
+    with PeakRss(proc.pid) as rss:
+        proc.wait()
     seconds = time.perf_counter() - start
     out_text = proc.stdout.read().decode() if proc.stdout else ""
     if proc.returncode != 0:
         raise SystemExit(f"job failed ({proc.returncode}): {out_text[-2000:]}")
-    return {"peak_rss_mib": peak / 2**20, "seconds": seconds}
+    return {"peak_rss_mib": rss.peak_mib, "seconds": seconds}
 
 
 def main() -> None:
@@ -99,11 +87,7 @@ def main() -> None:
         "target_peak_rss_ratio": 1.25,
         "meets_target": ratio <= 1.25,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,14 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-import psutil
-
-from rasterkube_operator.devstack import binaries
-from rasterkube_operator.devstack import stack as devstack
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PeakRss, emit  # noqa: E402
+from rasterkube_operator.devstack import binaries  # noqa: E402
+from rasterkube_operator.devstack import stack as devstack  # noqa: E402
 
 
 def kubectl(info: devstack.StackInfo, *args: str, input: str | None = None) -> str:
@@ -76,38 +75,25 @@ def single_latency(info: devstack.StackInfo) -> dict[str, float]:
 
 
 def many(info: devstack.StackInfo, n: int) -> dict[str, object]:
-    pid = operator_pid(info)
-    peak = [psutil.Process(pid).memory_info().rss]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            try:
-                peak[0] = max(peak[0], psutil.Process(pid).memory_info().rss)
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
-
     before = reconcile_counts(info)
-    threading.Thread(target=sample, daemon=True).start()
     docs = "\n---\n".join(json.dumps(manifest(f"many-{i:03d}", info.sample_uri or "")) for i in range(n))
     start = time.time()
-    kubectl(info, "apply", "-f", "-", input=docs)
-    while True:
-        st = {k: v for k, v in phases(info).items() if k.startswith("many-")}
-        done = [v for v in st.values() if v.get("phase") in ("Succeeded", "Failed")]
-        if len(done) == n:
-            break
-        time.sleep(1)
+    with PeakRss(operator_pid(info), interval_s=0.2, tree=False) as rss:
+        kubectl(info, "apply", "-f", "-", input=docs)
+        while True:
+            st = {k: v for k, v in phases(info).items() if k.startswith("many-")}
+            done = [v for v in st.values() if v.get("phase") in ("Succeeded", "Failed")]
+            if len(done) == n:
+                break
+            time.sleep(1)
     wall = time.time() - start
-    stop.set()
     after = reconcile_counts(info)
     return {
         "resources": n,
         "succeeded": sum(v.get("phase") == "Succeeded" for v in st.values()),
         "failed": sum(v.get("phase") == "Failed" for v in st.values()),
         "wall_s": round(wall, 1),
-        "operator_peak_rss_mib": round(peak[0] / 2**20, 1),
+        "operator_peak_rss_mib": rss.peak_mib,
         "reconciles": {k: after.get(k, 0) - before.get(k, 0) for k in after},
     }
 
@@ -124,11 +110,7 @@ def main() -> None:
                       "many": many(info, args.n)}  # fmt: skip
         finally:
             devstack.down(Path(tmp) / "stack", verbose=False)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

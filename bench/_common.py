@@ -1,0 +1,64 @@
+"""Shared by the benchmarks: peak RSS of a process tree, and the JSON report."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    """RSS of a process and all its descendants (Ray workers, raylet, job drivers)."""
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class PeakRss:
+    """Samples a process tree's RSS in a background thread; ``peak`` is in bytes."""
+
+    def __init__(self, pid: int, interval_s: float = 0.05, tree: bool = True) -> None:
+        self._proc = psutil.Process(pid)
+        self._interval = interval_s
+        self._tree = tree
+        self._stop = threading.Event()
+        self.peak = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                rss = tree_rss(self._proc) if self._tree else self._proc.memory_info().rss
+            except psutil.Error:
+                rss = 0
+            self.peak = max(self.peak, rss)
+            time.sleep(self._interval)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_mib(self) -> float:
+        return round(self.peak / 2**20, 1)
+
+
+def emit(report: dict[str, Any], json_path: str | None) -> None:
+    """Print the report as JSON, and write it to ``json_path`` if given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(text)
