@@ -19,6 +19,16 @@ ACCESS_KEY = "rasterkube-test"
 SECRET_KEY = "rasterkube-test-secret"
 
 
+def _die_with_parent() -> None:
+    """Runs in the child: SIGTERM it when the test process dies, even if killed outright
+    (fixtures' teardown never runs then, and the server would be orphaned)."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,7 +44,8 @@ def s3_server(log_path: str) -> Iterator[str]:
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(devstack_s3.moto_command(port), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(devstack_s3.moto_command(port), stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)  # fmt: skip
     try:
         devstack_s3.wait_ready(endpoint, proc, Path(log_path), timeout_s=30)
         yield endpoint
