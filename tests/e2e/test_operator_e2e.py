@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from helpers.kube import get, kubectl, status_is
 from helpers.kube import wait_for as wait_for_object
@@ -75,24 +76,43 @@ def test_chart_installs_with_server_side_dry_run(stack: devstack.StackInfo) -> N
     assert "deployment.apps/rasterkube" in proc.stdout and "(server dry run)" in proc.stdout
 
 
+def example_resources() -> list[tuple[str, str]]:
+    """(kind, name) of every resource in examples/ (what `kubectl apply -f examples/` creates)."""
+    out = []
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                out.append((doc["kind"].lower(), doc["metadata"]["name"]))
+    return out
+
+
 def test_every_example_succeeds_with_outputs_in_s3(stack: devstack.StackInfo) -> None:
+    resources = example_resources()
+    assert ("vectorization", "landsat-change-polygons") in resources
     start = time.monotonic()
     kubectl(stack, "apply", "-f", str(REPO / "examples"))
-    names = ["landsat-change", "landsat-change-window"]
-    first = wait_for(stack, "changescore", names[0], lambda s: bool((s.get("job") or {}).get("id")), 60)
+    first = wait_for(stack, "changescore", "landsat-change", lambda s: bool((s.get("job") or {}).get("id")), 60)
     apply_to_job_id_s = time.monotonic() - start
-    done = {n: wait_for(stack, "changescore", n, lambda s: s.get("phase") in TERMINAL) for n in names}
-    for name, obj in done.items():
+    done = {(k, n): wait_for(stack, k, n, lambda s: s.get("phase") in TERMINAL, 300) for k, n in resources}
+    for (kind, name), obj in done.items():
         status = obj["status"]
         assert status["phase"] == "Succeeded", status
         ready = {c["type"]: c for c in status["conditions"]}["Ready"]
         assert ready["status"] == "True" and ready["observedGeneration"] == obj["metadata"]["generation"]
         uri = status["outputs"]["uri"]
-        assert uri == f"s3://rasterkube/data/default/changescore/{name}"
-        assert storage.is_committed(uri)
+        assert uri.startswith(f"s3://rasterkube/data/default/{kind}/{name}")
         assert status["job"]["dashboardUrl"].startswith(stack.ray_dashboard)
-    assert geozarr.describe(done["landsat-change-window"]["status"]["outputs"]["uri"]).shape == (6, 1, 40, 40)
-    assert done["landsat-change"]["status"]["outputs"]["summary"]["bands"][-1].endswith("_robust_time_zscore")
+    scores = {n: o for (k, n), o in done.items() if k == "changescore"}
+    for obj in scores.values():
+        assert storage.is_committed(obj["status"]["outputs"]["uri"])
+    assert geozarr.describe(scores["landsat-change-window"]["status"]["outputs"]["uri"]).shape == (6, 1, 40, 40)
+    assert scores["landsat-change"]["status"]["outputs"]["summary"]["bands"][-1].endswith("_robust_time_zscore")
+    polygons = done[("vectorization", "landsat-change-polygons")]["status"]["outputs"]
+    assert polygons["summary"]["feature_count"] > 0
+    import geopandas
+
+    frame = geopandas.read_parquet(polygons["uri"], storage_options=storage.storage_options(polygons["uri"]))
+    assert len(frame) == polygons["summary"]["feature_count"] and frame.crs.to_epsg() == 4326
     table = kubectl(stack, "get", "rasterkube").stdout
     assert "Succeeded" in table and "PROGRESS" in table
     reasons = kubectl(stack, "get", "events", "--field-selector", "involvedObject.name=landsat-change",

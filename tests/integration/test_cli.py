@@ -122,7 +122,7 @@ def test_job_entrypoint_prints_result_line(tmp_path: Path) -> None:
     from rasterkube.runtime.progress import last_progress
 
     progress, result = last_progress(proc.stdout)
-    assert progress == {"percent": 100, "message": "scoring blocks: 1/1"}
+    assert progress == {"percent": 100, "message": "output committed"}
     assert result and result["ok"] and result["uri"] == str(tmp_path / "out.zarr")
     # a user error: exit 2, a RESULT line with the message, no traceback
     request["resource"]["spec"]["bands"] = ["nope"]

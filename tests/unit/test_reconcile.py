@@ -188,11 +188,12 @@ def test_checks_the_schema_cannot_express_stall_without_submitting(env) -> None:
 
 def test_kind_without_service_fails_clearly(env) -> None:
     backend, kube, deps, _ = env
-    kube.add({"apiVersion": "rasterkube.dev/v1alpha1", "kind": "Vectorization",
-              "metadata": {"name": "v", "namespace": "default", "uid": "u3", "generation": 1},
-              "spec": {"source": {"uri": "s3://b/x"}, "features": ["a"]}})  # fmt: skip
-    status = step(kube, deps, "v", Kind.VECTORIZATION)
-    assert status["phase"] == "Failed" and "Vectorization service is not available" in status["progress"]["message"]
+    kube.add({"apiVersion": "rasterkube.dev/v1alpha1", "kind": "Mosaic",
+              "metadata": {"name": "m", "namespace": "default", "uid": "u3", "generation": 1},
+              "spec": {"dataset": "landsat-c2-l2", "aoi": {"bbox": [0, 0, 1, 1]},
+                       "time": {"start": "2020-01-01", "end": "2021-01-01"}}})  # fmt: skip
+    status = step(kube, deps, "m", Kind.MOSAIC)
+    assert status["phase"] == "Failed" and "Mosaic service is not available" in status["progress"]["message"]
 
 
 def test_delete_stops_running_job_only(env) -> None:

@@ -20,11 +20,14 @@ from rasterkube.grid import GeoGrid, Window
 from rasterkube.jobs.context import JobContext, JobRequest, JobResult
 from rasterkube.runtime.blocks import plan_blocks, row_strips, shift
 from rasterkube.runtime.executor import run_blocks
-from rasterkube.runtime.progress import Reporter
+from rasterkube.runtime.progress import Reporter, ScaledReporter
 
 # Pixels scored at once inside a block: bounds the (T, T, N) float64 distance matrix.
 STRIP_PIXELS: Final = 65_536
 MIN_TIME_STEPS: Final = 2
+# Progress: blocks are most of the work; consolidating and committing the output the rest.
+BLOCKS_PERCENT: Final = 95
+COMMIT_PERCENT: Final = 97
 
 
 def score_names(spec: ChangeScoreSpec) -> list[str]:
@@ -170,12 +173,13 @@ def run(resource: ChangeScore, ctx: JobContext, reporter: Reporter) -> JobResult
             params,
             num_cpus=spec.resources.cpus,
             max_in_flight=ctx.max_in_flight,
-            reporter=reporter,
+            reporter=ScaledReporter(reporter, 0, BLOCKS_PERCENT),
             message="scoring blocks",
         )
-        reporter.progress(99, "committing output")
+        reporter.progress(COMMIT_PERCENT, "committing output")
         geozarr.finalize(tmp)
         storage.commit(tmp, request.output_uri)
+        reporter.progress(100, "output committed")
     except BaseException:
         storage.remove(tmp)
         raise

@@ -33,9 +33,16 @@ def _change_score() -> ModuleType:
     return service
 
 
+def _vectorization() -> ModuleType:
+    from rasterkube.vectorize import service
+
+    return service
+
+
 # Imported lazily so a job only loads what its kind needs (torch, rasterio, ...).
 SERVICES: dict[Kind, Callable[[], ModuleType]] = {
     Kind.CHANGE_SCORE: _change_score,
+    Kind.VECTORIZATION: _vectorization,
 }
 
 

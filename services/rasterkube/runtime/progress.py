@@ -33,6 +33,16 @@ class LogReporter:
         print(PROGRESS_PREFIX + json.dumps({"percent": pct, "message": message}), file=self._stream, flush=True)
 
 
+class ScaledReporter:
+    """Maps a step's 0–100 onto [lo, hi] of the whole job, so progress never goes back."""
+
+    def __init__(self, inner: Reporter, lo: float, hi: float) -> None:
+        self._inner, self._lo, self._hi = inner, lo, hi
+
+    def progress(self, percent: float, message: str) -> None:
+        self._inner.progress(self._lo + (self._hi - self._lo) * percent / 100.0, message)
+
+
 class NullReporter:
     def progress(self, percent: float, message: str) -> None:
         return None

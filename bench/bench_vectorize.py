@@ -1,0 +1,181 @@
+"""Vectorization: throughput on 2 Ray workers vs ONE rasterio.features.shapes call, and peak
+memory at two AOI sizes (4× the area).
+
+Throughput: a smooth random field (blobs of all sizes, with holes, crossing every block edge)
+of side --side, stored as GeoZarr. The baseline is a single whole-raster
+``rasterio.features.shapes`` call on the in-memory foreground mask, with the GeoJSON turned
+into shapely polygons (no statistics, no file written). The job is the real Vectorization job
+(``rasterkube.jobs.run_job`` on an embedded Ray with 2 CPUs, warm): read blockwise from zarr,
+label, per-polygon statistics, polygonize, merge across block edges, write GeoParquet in the
+grid's CRS. Both produce the same polygons — the polygon count is asserted equal, and the
+unit tests prove the geometries identical. DESIGN §5 target: ≥ 1.5×.
+
+Memory: the job entrypoint (``python -m rasterkube.jobs vectorization``, its own embedded Ray)
+on stores of side S and 2·S, RSS of the whole process tree sampled every 50 ms, as in
+bench_changescore_memory.py. Target: 4× the area → ≤ 1.25× peak RSS.
+Prints one JSON object (and writes it with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers.stores import grid, write_store  # noqa: E402
+
+THRESHOLD = 0.5
+BAND = "score"
+
+
+def make_field(side: int, seed: int = 0) -> np.ndarray:
+    """Blobs: a low-pass random field built in tiles (so big AOIs do not need a big FFT)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    field = ndimage.uniform_filter(rng.normal(size=(side, side)).astype(np.float32), 9, mode="wrap")
+    field = ndimage.uniform_filter(field, 9, mode="wrap")
+    return (field / field.std()).astype(np.float32)
+
+
+def make_store(uri: str, side: int, chunk: int) -> np.ndarray:
+    data = make_field(side, seed=side)
+    write_store(uri, data[None, None], chunk=chunk, bands=[BAND])
+    return data
+
+
+def resource(src: str) -> dict:
+    return {"apiVersion": "rasterkube.dev/v1alpha1", "kind": "Vectorization", "metadata": {"name": "bench"},
+            "spec": {"source": {"uri": src}, "features": [BAND], "threshold": THRESHOLD, "connectivity": 4,
+                     "output": {"crs": grid(1, 1).crs}}}  # fmt: skip
+
+
+def baseline(data: np.ndarray) -> tuple[float, int]:
+    import rasterio.features
+    import shapely
+    from affine import Affine
+
+    start = time.perf_counter()
+    mask = data > THRESHOLD
+    geoms = [shapely.geometry.shape(g) for g, _ in rasterio.features.shapes(
+        mask.astype(np.uint8), mask=mask, connectivity=4, transform=Affine(*grid(*data.shape).transform))]  # fmt: skip
+    return time.perf_counter() - start, len(geoms)
+
+
+def throughput(tmp: str, side: int, chunk: int, repeats: int) -> dict:
+    import ray
+
+    from rasterkube.jobs import run_job
+    from rasterkube.jobs.context import JobRequest
+    from rasterkube.runtime.executor import ensure_ray
+    from rasterkube.runtime.progress import CallbackReporter
+
+    load = os.getloadavg()[0]  # other processes on the machine skew wall-clock ratios
+    src = str(Path(tmp) / "tp.zarr")
+    data = make_store(src, side, chunk)
+    os.environ.pop("RAY_ADDRESS", None)
+    ensure_ray(num_cpus=2)
+    req = JobRequest(resource=resource(src), output_uri=str(Path(tmp) / "tp.parquet"), source_uri=src)
+    run_job(req)  # warm the workers
+    job_s, base_s, phases = [], [], []
+    count = base_count = 0
+    for _ in range(repeats):
+        marks: dict[str, float] = {}
+        reporter = CallbackReporter(lambda pct, msg: marks.setdefault(msg.split()[0], time.perf_counter()))
+        start = time.perf_counter()
+        count = run_job(req, reporter).summary["feature_count"]
+        end = time.perf_counter()
+        job_s.append(end - start)
+        # progress messages: "polygonizing blocks" … "merging …" (90 %) … "writing …" (95 %) … "wrote …"
+        phases.append({"blocks": marks["merging"] - start, "merge": marks["writing"] - marks["merging"],
+                       "write": end - marks["writing"]})  # fmt: skip
+        seconds, base_count = baseline(data)
+        base_s.append(seconds)
+    ray.shutdown()
+    assert count == base_count, f"different polygon counts: job {count}, shapes {base_count}"
+    job, base = min(job_s), min(base_s)
+    phase = {k: round(v, 3) for k, v in phases[int(np.argmin(job_s))].items()}
+    return {"side": side, "pixels": side * side, "polygons": count, "job_seconds": round(job, 3),
+            "shapes_seconds": round(base, 3), "job_mpix_per_s": round(side * side / job / 1e6, 2),
+            "shapes_mpix_per_s": round(side * side / base / 1e6, 2), "speedup": round(base / job, 3),
+            "target_speedup": 1.5, "meets_target": base / job >= 1.5, "job_phases_seconds": phase,
+            "load_average_1m_before": round(load, 2)}  # fmt: skip
+
+
+def tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def job_memory(src: str, out: str) -> dict[str, float]:
+    request = {"resource": resource(src), "outputUri": out, "sourceUri": src}
+    load = os.getloadavg()[0]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    start = time.perf_counter()
+    command = [sys.executable, "-m", "rasterkube.jobs", "vectorization", "--spec", json.dumps(request)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, tree_rss(ps))
+        time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    out_text = proc.stdout.read().decode() if proc.stdout else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"job failed ({proc.returncode}): {out_text[-2000:]}")
+    return {"peak_rss_mib": round(peak / 2**20, 1), "seconds": round(seconds, 2),
+            "load_average_1m_before": round(load, 2)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--side", type=int, default=4096, help="throughput raster side in pixels")
+    parser.add_argument("--mem-side", type=int, default=2048, help="side of the small memory AOI (large = 2×)")
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="throughput only")
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tp = throughput(tmp, args.side, args.chunk, args.repeats)
+        memory: dict = {}
+        for label, side in () if args.no_memory else (("small", args.mem_side), ("large", 2 * args.mem_side)):
+            src = str(Path(tmp) / f"mem-{side}.zarr")
+            make_store(src, side, args.chunk)
+            measured = job_memory(src, str(Path(tmp) / f"m{side}.parquet"))
+            memory[label] = {"side": side, "pixels": side * side, **measured}
+    ratio = memory["large"]["peak_rss_mib"] / memory["small"]["peak_rss_mib"] if memory else float("nan")
+    report = {
+        "benchmark": "vectorize",
+        "workload": {"threshold": THRESHOLD, "connectivity": 4, "chunk": args.chunk, "dtype": "float32",
+                     "field": "smoothed random field (blobs with holes)"},  # fmt: skip
+        "throughput": {**tp, "measured": "best of repeats; job = run_job on warm embedded Ray (2 CPUs) incl. "
+                                          "zarr read, stats, merge and GeoParquet write; shapes = one call + shapely"},
+        "memory": {**memory, "area_ratio": 4.0, "peak_rss_ratio": round(ratio, 3), "target_peak_rss_ratio": 1.25,
+                   "meets_target": ratio <= 1.25,
+                   "measured": "RSS of the job process tree (driver + embedded Ray), sampled every 50 ms"},
+    }  # fmt: skip
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

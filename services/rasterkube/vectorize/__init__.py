@@ -1,0 +1,1 @@
+"""Vectorization service: thresholded rasters → polygons with statistics → GeoParquet."""
