@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit bench crds check-crds clean
+.PHONY: install demo test test-unit bench bench-operator crds check-crds clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "rasterkube needs Python >= 3.11 (set PYTHON=...)")'
@@ -30,6 +30,10 @@ test-unit: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_loo_medoid.py --json out/bench/loo_medoid.json
 	$(PY) bench/bench_changescore_memory.py --json out/bench/changescore_memory.json
+	$(PY) bench/bench_vectorize.py --json out/bench/vectorize.json
+
+bench-operator: $(STAMP)
+	$(PY) bench/bench_operator.py --json out/bench/operator.json
 
 crds: $(STAMP)
 	$(VENV)/bin/rasterkube crds

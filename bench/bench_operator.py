@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,6 +20,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+# The dev stack's Ray is single-machine (loopback) with token auth; this process is a client.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PeakRss, emit  # noqa: E402
 from rasterkube_operator.devstack import binaries  # noqa: E402

@@ -28,9 +28,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PeakRss, emit  # noqa: E402
 from helpers.stores import grid, write_store  # noqa: E402
 
 THRESHOLD = 0.5
@@ -111,16 +112,6 @@ def throughput(tmp: str, side: int, chunk: int, repeats: int) -> dict:
             "load_average_1m_before": round(load, 2)}  # fmt: skip
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
 def job_memory(src: str, out: str) -> dict[str, float]:
     request = {"resource": resource(src), "outputUri": out, "sourceUri": src}
     load = os.getloadavg()[0]
@@ -129,16 +120,13 @@ def job_memory(src: str, out: str) -> dict[str, float]:
     start = time.perf_counter()
     command = [sys.executable, "-m", "rasterkube.jobs", "vectorization", "--spec", json.dumps(request)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, tree_rss(ps))
-        time.sleep(0.05)
+    with PeakRss(proc.pid) as rss:
+        proc.wait()
     seconds = time.perf_counter() - start
     out_text = proc.stdout.read().decode() if proc.stdout else ""
     if proc.returncode != 0:
         raise SystemExit(f"job failed ({proc.returncode}): {out_text[-2000:]}")
-    return {"peak_rss_mib": round(peak / 2**20, 1), "seconds": round(seconds, 2),
+    return {"peak_rss_mib": rss.peak_mib, "seconds": round(seconds, 2),
             "load_average_1m_before": round(load, 2)}  # fmt: skip
 
 
@@ -170,11 +158,7 @@ def main() -> None:
                    "meets_target": ratio <= 1.25,
                    "measured": "RSS of the job process tree (driver + embedded Ray), sampled every 50 ms"},
     }  # fmt: skip
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":
