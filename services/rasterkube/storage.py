@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import posixpath
+import tempfile
 import uuid
+from collections.abc import Callable
 from typing import Any, Final
 
 import fsspec
@@ -114,3 +116,35 @@ def _commit_by_copy(fs: fsspec.AbstractFileSystem, tmp: str, final: str) -> None
         fs.copy(keys, [posixpath.join(final, posixpath.relpath(k, tmp)) for k in keys])
     fs.copy(posixpath.join(tmp, ROOT_METADATA), posixpath.join(final, ROOT_METADATA))
     fs.rm(tmp, recursive=True)
+
+
+def commit_file(write: Callable[[str], Any], uri: str, run_id: str) -> None:
+    """Call ``write(local_path)`` and make the file appear at ``uri`` whole or not at all.
+
+    Local: write a hidden sibling, then ``os.replace`` (atomic on POSIX). Object stores: upload
+    to a hidden sibling key, then one server-side copy to the final key (a single object
+    appears whole or not at all), then delete the temporary key."""
+    final = normalize(uri)
+    tmp = temporary_uri(final, f"{run_id}-{uuid.uuid4().hex[:6]}")
+    fs, final_path = filesystem(final)
+    if "://" not in final:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        try:
+            write(tmp)
+            if os.path.isdir(final):  # an older output of another shape: replace it
+                remove(final)
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    _, tmp_path = filesystem(tmp)
+    with tempfile.TemporaryDirectory() as local:
+        path = os.path.join(local, "output")
+        write(path)
+        try:
+            fs.put(path, tmp_path)
+            fs.copy(tmp_path, final_path)
+        finally:
+            if fs.exists(tmp_path):
+                fs.rm(tmp_path)

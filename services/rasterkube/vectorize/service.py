@@ -13,10 +13,6 @@ to it (:func:`pmtiles_uri`), committed the same way.
 
 from __future__ import annotations
 
-import os
-import tempfile
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -169,7 +165,7 @@ def run(resource: Vectorization, ctx: JobContext, reporter: Reporter) -> JobResu
         polygons = gdf.drop(columns=["centerline"]) if "centerline" in gdf.columns else gdf
         uri = pmtiles_uri(request.output_uri)
         stats: dict[str, Any] = {}
-        commit_file(lambda path: stats.update(tiles.write_pmtiles(polygons, path, size)), uri, request.run_id)
+        storage.commit_file(lambda path: stats.update(tiles.write_pmtiles(polygons, path, size)), uri, request.run_id)
         result["pmtiles"] = {"uri": uri, **stats}
     write_geoparquet(gdf, request.output_uri, request.run_id)
     reporter.progress(100.0, f"wrote {len(gdf)} features")
@@ -236,39 +232,7 @@ def to_geodataframe(tables: list[dict[str, Any]], crs: str, stats: bool, centerl
 
 def write_geoparquet(gdf: Any, uri: str, run_id: str) -> None:
     """GeoParquet 1.1 with the bbox covering column, committed atomically."""
-    commit_file(lambda path: _to_parquet(gdf, path), uri, run_id)
-
-
-def commit_file(write: Callable[[str], Any], uri: str, run_id: str) -> None:
-    """Call ``write(local_path)`` and make the file appear at ``uri`` whole or not at all.
-
-    Local: write a hidden sibling, then ``os.replace`` (atomic on POSIX). Object stores: upload
-    to a hidden sibling key, then one server-side copy to the final key (a single object
-    appears whole or not at all), then delete the temporary key."""
-    final = storage.normalize(uri)
-    tmp = storage.temporary_uri(final, f"{run_id}-{uuid.uuid4().hex[:6]}")
-    fs, final_path = storage.filesystem(final)
-    if "://" not in final:
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        try:
-            write(tmp)
-            if os.path.isdir(final):  # an older output of another shape: replace it
-                storage.remove(final)
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return
-    _, tmp_path = storage.filesystem(tmp)
-    with tempfile.TemporaryDirectory() as local:
-        path = os.path.join(local, "output")
-        write(path)
-        try:
-            fs.put(path, tmp_path)
-            fs.copy(tmp_path, final_path)
-        finally:
-            if fs.exists(tmp_path):
-                fs.rm(tmp_path)
+    storage.commit_file(lambda path: _to_parquet(gdf, path), uri, run_id)
 
 
 def _to_parquet(gdf: Any, path: str) -> None:
