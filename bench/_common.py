@@ -62,3 +62,28 @@ def emit(report: dict[str, Any], json_path: str | None) -> None:
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(text)
+
+
+def run_job_process(kind: str, request: dict[str, Any]) -> tuple[float, float]:
+    """Run ``python -m rasterkube.jobs <kind>`` on an embedded Ray; (peak RSS MiB, seconds).
+
+    The job's output goes to a file, not a pipe: a pipe nobody reads while we wait would
+    block a chatty job once its buffer is full."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single-machine Ray on loopback
+    command = [sys.executable, "-m", "rasterkube.jobs", kind, "--spec", json.dumps(request)]
+    with tempfile.TemporaryFile() as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        with PeakRss(proc.pid) as rss:
+            proc.wait()
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            out.seek(0)
+            raise SystemExit(f"{kind} job failed ({proc.returncode}): {out.read().decode()[-2000:]}")
+    return rss.peak_mib, seconds

@@ -9,19 +9,15 @@ the RSS of the whole process tree (driver, raylet, workers) every 50 ms. DESIGN 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRss, emit  # noqa: E402
+from _common import emit, run_job_process  # noqa: E402
 from helpers.stores import write_store  # noqa: E402
 
 YEARS, BANDS = 9, 64
@@ -43,18 +39,8 @@ def run_job(src: str, out: str, multiplier: int) -> dict[str, float]:
         "outputUri": out,
         "sourceUri": src,
     }  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "rasterkube.jobs", "changescore", "--spec", json.dumps(request)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, start_new_session=True)  # fmt: skip
-    with PeakRss(proc.pid) as rss:
-        proc.wait()
-    seconds = time.perf_counter() - start
-    out_text = proc.stdout.read().decode() if proc.stdout else ""
-    if proc.returncode != 0:
-        raise SystemExit(f"job failed ({proc.returncode}): {out_text[-2000:]}")
-    return {"peak_rss_mib": rss.peak_mib, "seconds": seconds}
+    peak_mib, seconds = run_job_process("changescore", request)
+    return {"peak_rss_mib": peak_mib, "seconds": seconds}
 
 
 def main() -> None:

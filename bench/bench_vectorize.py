@@ -19,9 +19,7 @@ Prints one JSON object (and writes it with --json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRss, emit  # noqa: E402
+from _common import emit, run_job_process  # noqa: E402
 from helpers.stores import grid, write_store  # noqa: E402
 
 THRESHOLD = 0.5
@@ -115,18 +113,8 @@ def throughput(tmp: str, side: int, chunk: int, repeats: int) -> dict:
 def job_memory(src: str, out: str) -> dict[str, float]:
     request = {"resource": resource(src), "outputUri": out, "sourceUri": src}
     load = os.getloadavg()[0]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    start = time.perf_counter()
-    command = [sys.executable, "-m", "rasterkube.jobs", "vectorization", "--spec", json.dumps(request)]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    with PeakRss(proc.pid) as rss:
-        proc.wait()
-    seconds = time.perf_counter() - start
-    out_text = proc.stdout.read().decode() if proc.stdout else ""
-    if proc.returncode != 0:
-        raise SystemExit(f"job failed ({proc.returncode}): {out_text[-2000:]}")
-    return {"peak_rss_mib": rss.peak_mib, "seconds": round(seconds, 2),
+    peak_mib, seconds = run_job_process("vectorization", request)
+    return {"peak_rss_mib": peak_mib, "seconds": round(seconds, 2),
             "load_average_1m_before": round(load, 2)}  # fmt: skip
 
 
