@@ -1,0 +1,1 @@
+"""Mosaic service: cloud-masked per-window composites (median or best pixel) of STAC imagery."""

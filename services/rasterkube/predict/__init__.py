@@ -1,0 +1,1 @@
+"""Prediction service: patch-based model inference (windowing numerics in ``windows``)."""
