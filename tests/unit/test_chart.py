@@ -46,6 +46,7 @@ FULL = (
     "--set", f"storage.s3.credentialsSecret.secretAccessKeyKey={S3_SECRET_KEY}",
     "--set", "storage.s3.endpoint=http://minio.storage:9000",
     "--set", "metrics.serviceMonitor.enabled=true",
+    "--set", "maxRunningJobs=8",
 )  # fmt: skip
 CONFIGS: dict[str, tuple[str, ...]] = {
     "default": (),
@@ -192,6 +193,8 @@ def test_ray_backend_args() -> None:
     assert flag("default", "ray-address") == "http://raycluster-head-svc:8265"
     assert flag("default", "namespace") is None, "no --namespace means all namespaces"
     assert flag("default", "metrics-port") == "9090"
+    assert flag("default", "max-running-jobs") == "0"
+    assert flag("full", "max-running-jobs") == "8"
     assert flag("default", "storage-root") == env("default")["RASTERKUBE_STORAGE_ROOT"]["value"] == "s3://rasterkube"
     assert not [name for name in env("default") if name.startswith("RASTERKUBE_KUBERAY_")]
 
