@@ -31,7 +31,7 @@ from rasterkube.errors import UserError
 from rasterkube.jobs import service_for
 from rasterkube.jobs.context import JobRequest
 from rasterkube.manifests import format_validation_error
-from rasterkube.runner import default_output_uri
+from rasterkube.runner import output_uri
 from rasterkube.storage import normalize
 from rasterkube_operator.backends.base import Backend, JobSpec, JobState, JobStatus, Owner, job_entrypoint, job_id
 from rasterkube_operator.status import Observation, build_status, changed, now_rfc3339
@@ -132,11 +132,6 @@ def _parse(obj: dict[str, Any]) -> Resource[Any]:
         "spec": obj.get("spec", {}),
     }
     return RESOURCE_MODELS[Kind(obj["kind"])].model_validate(doc)
-
-
-def output_uri(resource: Resource[Any], storage_root: str) -> str:
-    uri = resource.spec.output.uri
-    return normalize(uri) if uri else default_output_uri(storage_root, resource.namespace, resource.kind, resource.name)
 
 
 @dataclass(frozen=True)

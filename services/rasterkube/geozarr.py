@@ -38,6 +38,10 @@ class StoreError(UserError):
         super().__init__(message)
         self.field = field
 
+    def in_spec(self, source_field: str) -> UserError:
+        """The same problem, named by its spec field (``source_field`` for source problems)."""
+        return UserError(f"spec.{source_field if self.field == 'source' else self.field}: {self}")
+
 
 def _store(uri: str, read_only: bool = False) -> Any:
     """A zarr store for ``uri``: a local path as is, anything else through fsspec."""

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from rasterkube import storage
+from rasterkube.api import Resource
 from rasterkube.constants import DEFAULT_STORAGE_ROOT, ENV_STORAGE_ROOT, Kind, Phase
 from rasterkube.errors import UserError
 from rasterkube.jobs import run_job, service_for
@@ -29,11 +30,12 @@ def default_output_uri(root: str, namespace: str, kind: Kind | str, name: str) -
     return storage.join(storage.normalize(root), namespace, Kind(kind).singular, name)
 
 
-def output_uri(item: Loaded, root: str) -> str:
-    spec_uri = item.resource.spec.output.uri
+def output_uri(resource: Resource[Any], root: str) -> str:
+    """``spec.output.uri``, or the default under the storage root (runner and operator alike)."""
+    spec_uri = resource.spec.output.uri
     if spec_uri:
         return storage.normalize(spec_uri)
-    return default_output_uri(root, item.resource.namespace, item.resource.kind, item.resource.name)
+    return default_output_uri(root, resource.namespace, resource.kind, resource.name)
 
 
 def now() -> str:
@@ -77,7 +79,7 @@ class Outcome:
 def plan(items: Sequence[Loaded], root: str) -> list[Planned]:
     """Resolve refs and order resources so every source runs before its consumers."""
     by_key = {it.key: it for it in items}
-    planned = {it.key: Planned(it, output_uri(it, root)) for it in items}
+    planned = {it.key: Planned(it, output_uri(it.resource, root)) for it in items}
     problems = []
     for key, p in planned.items():
         source = getattr(p.item.resource.spec, "source", None)

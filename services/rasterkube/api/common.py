@@ -107,6 +107,11 @@ class Source(ApiModel):
         return [f for f, attr in _PY_NAMES.items() if getattr(self, attr) is not None]
 
     @property
+    def field_path(self) -> str:
+        """``source.uri``, ``source.mosaicRef``, …: where a source problem is reported."""
+        return f"source.{self.set_fields()[0].value}"
+
+    @property
     def ref(self) -> tuple[Kind, str] | None:
         """(kind, name) of the referenced resource, or None for a plain URI."""
         (field,) = self.set_fields()

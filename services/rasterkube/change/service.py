@@ -101,11 +101,6 @@ def score_block(block: Window, p: BlockParams) -> int:
     return block.shape[0] * block.shape[1]
 
 
-def source_field(resource: ChangeScore) -> str:
-    """``source.uri`` or ``source.mosaicRef`` …: the field a source problem is reported on."""
-    return f"source.{resource.spec.source.set_fields()[0].value}"
-
-
 def preflight(resource: ChangeScore, request: JobRequest) -> tuple[geozarr.StoreInfo, list[int], Window]:
     """All checks that need the source store; run before anything is written."""
     spec, source_uri = resource.spec, request.source_uri
@@ -115,7 +110,7 @@ def preflight(resource: ChangeScore, request: JobRequest) -> tuple[geozarr.Store
         info = geozarr.describe(source_uri, spec.data_var)
         band_idx = info.band_indices(spec.bands)
     except geozarr.StoreError as exc:
-        raise UserError(f"spec.{source_field(resource) if exc.field == 'source' else exc.field}: {exc}") from None
+        raise exc.in_spec(resource.spec.source.field_path) from None
     if len(info.times) < MIN_TIME_STEPS:
         raise UserError(
             f"spec.source: {source_uri} has {len(info.times)} time step; change scores need at least {MIN_TIME_STEPS} "

@@ -77,10 +77,6 @@ def vectorize_block(block: Window, p: BlockParams) -> BlockOutput:
     return BlockOutput(final, pieces)
 
 
-def source_field(resource: Vectorization) -> str:
-    return f"source.{resource.spec.source.set_fields()[0].value}"
-
-
 def preflight(resource: Vectorization, request: JobRequest) -> tuple[geozarr.StoreInfo, list[int]]:
     """All checks that need the source; run before anything is written."""
     spec, source_uri = resource.spec, request.source_uri
@@ -96,7 +92,7 @@ def preflight(resource: Vectorization, request: JobRequest) -> tuple[geozarr.Sto
         info = geozarr.describe(source_uri, DATA_VAR)
         band_idx = info.band_indices(spec.features, field_name="features")
     except geozarr.StoreError as exc:
-        raise UserError(f"spec.{source_field(resource) if exc.field == 'source' else exc.field}: {exc}") from None
+        raise exc.in_spec(resource.spec.source.field_path) from None
     if np.dtype(info.dtype).kind not in "fiu":
         raise UserError(f"spec.source: {source_uri} holds {info.dtype} values; vectorization needs numbers")
     return info, band_idx
