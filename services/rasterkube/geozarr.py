@@ -26,6 +26,11 @@ TIME_UNITS: Final = "seconds since 1970-01-01T00:00:00"
 TIME_ATTRS: Final = {"units": TIME_UNITS, "calendar": "proleptic_gregorian", "standard_name": "time"}
 # Keep one chunk of the data variable well under what a task should hold in memory.
 MAX_CHUNK_BYTES: Final = 32 * 1024 * 1024
+# Root attribute of the zarr-conventions multiscales layout (see rasterkube.multiscale). A store
+# with it keeps its full-resolution arrays in the base level's child group, not at the root:
+# xarray's DataTree requires child groups to align with their parents, so root (y, x) arrays
+# and coarser children cannot coexist. Readers here resolve that group transparently.
+MULTISCALES_ATTR: Final = "multiscales"
 
 
 class StoreError(UserError):
@@ -55,6 +60,34 @@ def _open_group(uri: str, mode: str = "r") -> zarr.Group:
         # zarr warns that consolidated metadata is not yet part of the v3 spec; we rely on it.
         warnings.simplefilter("ignore", UserWarning)
         return zarr.open_group(_store(uri, read_only=mode == "r"), mode=mode)
+
+
+def open_group(uri: str, mode: str = "r") -> zarr.Group:
+    """The store's root group (consolidated metadata used when present)."""
+    return _open_group(uri, mode=mode)
+
+
+def level0_group(attrs: dict[str, Any]) -> str:
+    """The group holding the full-resolution arrays: "" (the root) for a plain store, else the
+    multiscales layout's base level (the entry not derived from another, by convention "0")."""
+    multiscales = attrs.get(MULTISCALES_ATTR)
+    if not multiscales:
+        return ""
+    layout = multiscales.get("layout") or []
+    base = [entry["asset"] for entry in layout if "derived_from" not in entry]
+    if not base:
+        raise StoreError(f"the {MULTISCALES_ATTR} layout has no base level (every level is derived from another)")
+    return str(base[0])
+
+
+def _join_path(group: str, name: str) -> str:
+    return f"{group}/{name}" if group else name
+
+
+def open_data_array(uri: str, data_var: str, mode: str = "r") -> zarr.Array:
+    """``data_var`` of a committed store, in its full-resolution group (root or multiscale level 0)."""
+    group = _open_group(uri, mode=mode)
+    return group[_join_path(level0_group(dict(group.attrs)), data_var)]  # type: ignore[return-value]
 
 
 def to_epoch_seconds(times: Sequence[np.datetime64] | np.ndarray) -> np.ndarray:
@@ -190,8 +223,10 @@ def read_region(
     band_indices: Sequence[int] | None = None,
     time: slice = slice(None),
 ) -> np.ndarray:
-    """Read (time, band, y, x) of ``window``; bands picked in the order given."""
-    arr = zarr.open_array(_store(uri, read_only=True), path=data_var, mode="r")
+    """Read (time, band, y, x) of ``window``; bands picked in the order given.
+
+    Works on plain and multiscale stores alike (the full-resolution level is read)."""
+    arr = open_data_array(uri, data_var)
     ys, xs = window.slices
     block = arr[time, :, ys, xs]
     if band_indices is not None and list(band_indices) != list(range(arr.shape[1])):
@@ -214,6 +249,9 @@ def describe(uri: str, data_var: str = DATA_VAR) -> StoreInfo:
         grid = GeoGrid.from_attrs(attrs)
     except ValueError as exc:
         raise StoreError(f"{uri}: {exc}") from None
+    base = level0_group(attrs)
+    if base:
+        group = group[base]  # type: ignore[assignment]
     names = tuple(sorted(k for k, v in group.members() if isinstance(v, zarr.Array) and v.ndim >= 3))
     if data_var not in names:
         raise StoreError(f"{data_var!r} is not a variable of {uri} (it has {', '.join(names) or 'none'})", "dataVar")
@@ -243,8 +281,11 @@ def finalize(uri: str) -> None:
 
 
 def open_dataset(uri: str) -> xr.Dataset:
-    """The store as a lazy xarray Dataset (decoded times, band labels as a coordinate)."""
+    """The store as a lazy xarray Dataset (decoded times, band labels as a coordinate).
+
+    For a multiscale store this is the full-resolution level; ``xarray.open_datatree`` gives all."""
     opts = storage.storage_options(uri)
+    group = level0_group(dict(_open_group(uri).attrs)) or None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return xr.open_zarr(uri, consolidated=True, storage_options=opts or None, zarr_format=3)
+        return xr.open_zarr(uri, group=group, consolidated=True, storage_options=opts or None, zarr_format=3)

@@ -107,6 +107,9 @@ def test_every_example_succeeds_with_outputs_in_s3(stack: devstack.StackInfo) ->
         assert storage.is_committed(obj["status"]["outputs"]["uri"])
     assert geozarr.describe(scores["landsat-change-window"]["status"]["outputs"]["uri"]).shape == (6, 1, 40, 40)
     assert scores["landsat-change"]["status"]["outputs"]["summary"]["bands"][-1].endswith("_robust_time_zscore")
+    mosaic = done[("mosaic", "landsat-mosaic")]["status"]["outputs"]  # STAC catalog of COGs in S3 → store in S3
+    assert storage.is_committed(mosaic["uri"]) and geozarr.describe(mosaic["uri"]).shape[:2] == (6, 3)
+    assert mosaic["summary"]["dataset"] == "landsat-c2-l2" and mosaic["summary"]["scenes"] > 80
     polygons = done[("vectorization", "landsat-change-polygons")]["status"]["outputs"]
     assert polygons["summary"]["feature_count"] > 0
     import geopandas

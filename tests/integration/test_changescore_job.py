@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import xarray as xr
 
 from helpers.stores import random_series, write_store
-from rasterkube import geozarr, storage
-from rasterkube.change import scores
+from rasterkube import geozarr, multiscale, storage
+from rasterkube.api import ChangeScore
+from rasterkube.change import clustering, scores, service
 from rasterkube.errors import UserError
 from rasterkube.jobs import run_job
 from rasterkube.jobs.context import JobRequest
@@ -140,7 +142,8 @@ def test_previous_output_survives_a_failed_rerun(tmp_path: Path) -> None:
         ({"dataVar": "embeddings"}, "spec.dataVar: 'embeddings' is not a variable"),
         ({"bands": ["test:b0", "nir"]}, "spec.bands: 'nir' not in"),
         ({"distance": "alphaEarthCosine"}, "spec.distance: alphaEarthCosine expects int8"),
-        ({"methods": ["clusterTransition"]}, "spec.methods: clusterTransition is not available"),
+        ({"methods": ["clusterTransition"], "clustering": {"k": 64}, "selector": {"x": [0, 4], "y": [0, 4]}},
+         "spec.clustering.k: the time step 2017-01-01 has only"),
         ({"selector": {"x": [0, 99]}}, "spec.selector.x: [0, 99) goes past the source's 16 pixels"),
         ({"selector": {"bbox": [0, 0, 1, 1]}}, "spec.selector.bbox: [0.0, 0.0, 1.0, 1.0] (EPSG:4326) does not overlap"),
     ],
@@ -170,3 +173,55 @@ def test_real_landsat_series(tmp_path: Path, landsat_store: str) -> None:
     changed = (z > 3).mean(axis=(1, 2))
     years = [str(t)[:4] for t in ds.time.values]
     assert changed[years.index("2013")] > changed[years.index("2009")]
+
+
+@pytest.mark.parametrize("method", ["kmeans", "spectral"])
+def test_cluster_transition_by_blocks_equals_whole_array(tmp_path: Path, method: str) -> None:
+    """Clusters are fitted once on a sample of the whole window; blocks only assign them."""
+    data = random_series(3, 2, 300, 270, seed=11)  # > 256 px: the pyramid gets a level 1
+    src = write_store(str(tmp_path / "src.zarr"), data, chunk=64)
+    out = str(tmp_path / "ct.zarr")
+    spec = {"methods": ["difference", "clusterTransition"], "distance": "euclidean",
+            "clustering": {"k": 3, "method": method}, "xyBlockMultiplier": 1}  # fmt: skip
+    req = request(src, out, **spec)
+    req.resource["spec"]["output"] = {"multiscales": True}
+    result = run_job(req)
+    assert result.summary["bands"] == ["difference_euclidean_distance", "cluster_transition_label", "cluster_transition"]
+    got = geozarr.open_dataset(out)["variables"].values
+
+    resource = ChangeScore.model_validate(req.resource)
+    info = geozarr.describe(src)
+    window = service.selector_window(None, info.grid)
+    model = service.fit_clusters(resource.spec, info, [0, 1], window, src)
+    want = clustering.cluster_bands(data.reshape(3, 2, -1), model).reshape(3, 2, 300, 270)
+    np.testing.assert_array_equal(got[:, 1:], want)
+    _, diff = expected(data, ["difference"], "euclidean", False)
+    np.testing.assert_allclose(got[:, :1], diff, rtol=1e-6, equal_nan=True)
+    labels = got[:, 1]
+    assert set(np.unique(labels[np.isfinite(labels)])) <= {0.0, 1.0, 2.0}
+    np.testing.assert_array_equal(np.isnan(labels), np.isnan(data).any(axis=1))
+    assert np.isnan(got[0, 2]).all()
+    # the pyramid takes the mode of the label band, the mean of the others
+    level1 = xr.open_datatree(out, engine="zarr")["1"]["variables"].values
+    np.testing.assert_array_equal(level1[:, 1], multiscale.coarsen_mode(labels))
+    assert geozarr.describe(out).attrs[multiscale.CATEGORICAL_BANDS_ATTR] == ["cluster_transition_label"]
+
+
+def test_cluster_transition_finds_the_landsat_change(tmp_path: Path, landsat_store: str) -> None:
+    """The 2012→2013 change of the real series: far more aligned-class transitions than in
+    the quiet years, and one class (bright NIR, vegetation) nearly vanishes in 2013."""
+    out = str(tmp_path / "landsat-ct.zarr")
+    run_job(request(landsat_store, out, methods=["clusterTransition"], distance="euclidean",
+                    clustering={"k": 4, "method": "kmeans"}))  # fmt: skip
+    ds = geozarr.open_dataset(out)
+    years = [str(t)[:4] for t in ds.time.values]
+    transition = ds["variables"].sel(band="cluster_transition").values
+    labels = ds["variables"].sel(band="cluster_transition_label").values
+    rate = {y: float(np.nanmean(transition[i])) for i, y in enumerate(years) if i}
+    quiet = max(rate["2009"], rate["2010"], rate["2011"])
+    assert rate["2013"] > 2 * quiet, rate
+    share = np.array([[np.mean(labels[i] == c) for c in range(4)] for i in range(len(years))])
+    # aligned labels are stable through the quiet years (each class's share moves little)...
+    assert np.abs(share[1:4] - share[0]).max() < 0.1, share
+    # ...and one class collapses in 2013
+    assert (share[years.index("2013")] < 0.25 * share[years.index("2011")]).any(), share

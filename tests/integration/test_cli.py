@@ -94,8 +94,9 @@ def test_bad_manifest_exits_2_with_one_clear_message(example_dir: Path, case: st
         ("apiVersion: rasterkube.dev/v1alpha1\nkind: ChangeScore\nmetadata: {name: a}\nspec:\n"
          "  source: {mosaicRef: {name: ghost}}\n", "spec.source.mosaicRef.name: no Mosaic named 'ghost'"),
         ("apiVersion: rasterkube.dev/v1alpha1\nkind: Mosaic\nmetadata: {name: a}\nspec:\n  dataset: landsat-c2-l2\n"
+         "  stac: {catalog: missing/catalog.json}\n"
          "  aoi: {bbox: [0, 0, 1, 1]}\n  time: {start: '2020-01-01', end: '2021-01-01'}\n",
-         "the Mosaic service is not available"),
+         "spec.stac.catalog"),
     ],
 )
 def test_invalid_input_without_starting_ray(tmp_path: Path, text: str, message: str) -> None:

@@ -186,14 +186,31 @@ def test_checks_the_schema_cannot_express_stall_without_submitting(env) -> None:
     assert "does not exist" in step(kube, deps, "gone")["progress"]["message"]
 
 
-def test_kind_without_service_fails_clearly(env) -> None:
+def _mosaic(catalog: str) -> dict:
+    return {"apiVersion": "rasterkube.dev/v1alpha1", "kind": "Mosaic",
+            "metadata": {"name": "m", "namespace": "default", "uid": "u3", "generation": 1},
+            "spec": {"dataset": "landsat-c2-l2", "stac": {"catalog": catalog}, "aoi": {"bbox": [0, 0, 1, 1]},
+                     "time": {"start": "2020-01-01", "end": "2021-01-01"}}}  # fmt: skip
+
+
+def test_kind_without_service_fails_clearly(env, monkeypatch) -> None:
+    from rasterkube import jobs
+
     backend, kube, deps, _ = env
-    kube.add({"apiVersion": "rasterkube.dev/v1alpha1", "kind": "Mosaic",
-              "metadata": {"name": "m", "namespace": "default", "uid": "u3", "generation": 1},
-              "spec": {"dataset": "landsat-c2-l2", "aoi": {"bbox": [0, 0, 1, 1]},
-                       "time": {"start": "2020-01-01", "end": "2021-01-01"}}})  # fmt: skip
+    monkeypatch.delitem(jobs.SERVICES, Kind.MOSAIC)
+    kube.add(_mosaic("/nonexistent/catalog.json"))
     status = step(kube, deps, "m", Kind.MOSAIC)
     assert status["phase"] == "Failed" and "Mosaic service is not available" in status["progress"]["message"]
+
+
+def test_mosaic_preflight_failure_is_stalled_without_submission(env) -> None:
+    backend, kube, deps, _ = env
+    kube.add(_mosaic("/nonexistent/catalog.json"))
+    status = step(kube, deps, "m", Kind.MOSAIC)
+    assert status["phase"] == "Failed" and "spec.stac.catalog: /nonexistent/catalog.json does not exist" in (
+        status["progress"]["message"]
+    )
+    assert backend.submitted == []
 
 
 def test_delete_stops_running_job_only(env) -> None:

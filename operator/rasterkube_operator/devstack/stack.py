@@ -8,7 +8,8 @@
    works without the repository) and the real KubeRay CRDs, applied server-side with
    kubectl and waited for ``Established``;
 3. an S3-compatible server (moto, :mod:`.s3`) with the bucket ``rasterkube``, seeded with
-   the real sample store ``s3://rasterkube/samples/landsat-annual.zarr``;
+   the real sample store ``s3://rasterkube/samples/landsat-annual.zarr`` and a static STAC
+   catalog of the sample scenes as COGs, ``s3://rasterkube/samples/stac/catalog.json``;
 4. a Ray head (``ray start --head``) on loopback with token auth, started *with* the S3
    environment so job drivers and workers inherit it (credentials never go into job
    submissions), and with this interpreter's ``bin`` first on PATH so ``python`` in a job
@@ -53,6 +54,8 @@ DEFAULT_DIR = ".rasterkube-dev"
 BUCKET = s3.DEFAULT_BUCKET
 STORAGE_ROOT = f"s3://{BUCKET}/data"
 SAMPLE_URI = f"s3://{BUCKET}/samples/landsat-annual.zarr"
+#: Static STAC catalog of the sample scenes (COGs) that examples/mosaic-landsat.yaml searches.
+SAMPLE_STAC_URI = f"s3://{BUCKET}/samples/stac"
 
 STATE_FILE = "stack.json"
 ENV_FILE = "env.sh"
@@ -86,7 +89,9 @@ ENV_RAY_DASHBOARD = "RASTERKUBE_RAY_DASHBOARD"
 SEED_SCRIPT = (
     "import sys\n"
     "from rasterkube.samples import build_landsat_annual_store\n"
+    "from rasterkube.mosaic.localstac import build_sample_catalogs\n"
     "print(build_landsat_annual_store(sys.argv[1]), flush=True)\n"
+    f"print(build_sample_catalogs({SAMPLE_STAC_URI!r}), flush=True)\n"
 )
 
 
@@ -550,6 +555,7 @@ def usage(info: StackInfo) -> str:
             f"  Kubernetes  {info.apiserver}   KUBECONFIG={info.kubeconfig}",
             f"  S3          {info.s3_endpoint}   bucket {BUCKET}; storage root {info.storage_root}",
             f"              sample store {info.sample_uri or '(not seeded)'}",
+            f"              sample STAC catalog {SAMPLE_STAC_URI + '/catalog.json' if info.sample_uri else '(not seeded)'}",
             f"  Ray         RAY_ADDRESS={info.ray_address}   dashboard {info.ray_dashboard}",
             operator,
             f"  logs        {d / 'logs'}, {d / K8S_DIR / 'logs'}, {info.ray_temp_dir}/session_latest/logs",

@@ -72,7 +72,8 @@ METHOD_DIFFERENCE: Final = "difference"
 METHOD_LOO_MEDOID: Final = "looMedoid"
 METHOD_CLUSTER_TRANSITION: Final = "clusterTransition"
 METHODS: Final[tuple[str, ...]] = (METHOD_DIFFERENCE, METHOD_LOO_MEDOID, METHOD_CLUSTER_TRANSITION)
-#: Methods this module computes; the others are part of the API but not yet implemented.
+#: Methods this module computes. clusterTransition needs clusters fitted on the whole AOI
+#: first, so it lives in :mod:`rasterkube.change.clustering`.
 IMPLEMENTED_METHODS: Final[tuple[str, ...]] = (METHOD_DIFFERENCE, METHOD_LOO_MEDOID)
 
 # Band-name fragments (snake_case) for each API name (camelCase).
@@ -544,7 +545,8 @@ def compute_scores(
     for method in method_list:
         if method not in IMPLEMENTED_METHODS:
             raise NotImplementedError(
-                f"change-score method {method!r} is not implemented yet; available: {', '.join(IMPLEMENTED_METHODS)}"
+                f"change-score method {method!r} is not computed here (it needs clusters fitted on the whole AOI: "
+                f"see rasterkube.change.clustering); available: {', '.join(IMPLEMENTED_METHODS)}"
             )
     arr = _as_stack(x, metric)
     n_time, n_band, n_pixel = arr.shape

@@ -11,10 +11,10 @@ from typing import Any, Final
 
 import numpy as np
 
-from rasterkube import geozarr, storage
+from rasterkube import geozarr, multiscale, storage
 from rasterkube.api import ChangeScore, ChangeScoreSpec
 from rasterkube.api.kinds import ChangeMethod, Distance, Selector
-from rasterkube.change import scores
+from rasterkube.change import clustering, scores
 from rasterkube.errors import UserError
 from rasterkube.grid import GeoGrid, Window
 from rasterkube.jobs.context import JobContext, JobRequest, JobResult
@@ -26,13 +26,28 @@ from rasterkube.runtime.progress import Reporter, ScaledReporter
 STRIP_PIXELS: Final = 65_536
 MIN_TIME_STEPS: Final = 2
 # Progress: blocks are most of the work; consolidating and committing the output the rest.
+SAMPLE_PERCENT: Final = 5
+MULTISCALE_PERCENT: Final = 85  # where the pyramid starts, when one is asked for
 BLOCKS_PERCENT: Final = 95
 COMMIT_PERCENT: Final = 97
+# clusterTransition fits its clusters on a sample of the whole window before any block runs:
+# SAMPLE_GRID² small windows spread evenly over it (each read touches few chunks, so the
+# driver's memory stays small whatever the AOI), at most SAMPLE_PIXELS valid pixels per step.
+SAMPLE_GRID: Final = 6
+SAMPLE_SIDE: Final = 48
+SAMPLE_PIXELS: Final = 10_000
+SAMPLE_SEED: Final = 0
 
 
 def score_names(spec: ChangeScoreSpec) -> list[str]:
-    names = []
+    """Output bands in ``spec.methods`` order: distance methods give their score (and its robust
+    z-score); clusterTransition gives ``cluster_transition_label`` and ``cluster_transition``
+    (a 0/1 band: no z-score)."""
+    names: list[str] = []
     for method in spec.methods:
+        if method == ChangeMethod.CLUSTER_TRANSITION:
+            names.extend(clustering.BANDS)
+            continue
         names.append(scores.score_name(method, spec.distance, False))
         if spec.robust_time_zscore:
             names.append(scores.score_name(method, spec.distance, True))
@@ -85,6 +100,21 @@ class BlockParams:
     robust: bool
     out_uri: str
     out_var: str
+    names: tuple[str, ...] = ()
+    cluster_model: clustering.ClusterModel | None = None
+
+
+def score_strip(x: np.ndarray, p: BlockParams) -> np.ndarray:
+    """(T, B, N) → (T, len(p.names), N): every requested band, in ``p.names`` order."""
+    bands: dict[str, np.ndarray] = {}
+    distance_methods = [m for m in p.methods if m != ChangeMethod.CLUSTER_TRANSITION]
+    if distance_methods:
+        names, values = scores.compute_scores(x, distance_methods, p.distance, p.robust)
+        bands.update({name: values[:, i] for i, name in enumerate(names)})
+    if p.cluster_model is not None:
+        values = clustering.cluster_bands(x, p.cluster_model)
+        bands.update({name: values[:, i] for i, name in enumerate(clustering.BANDS)})
+    return np.stack([bands[name] for name in p.names], axis=1)
 
 
 def score_block(block: Window, p: BlockParams) -> int:
@@ -94,7 +124,7 @@ def score_block(block: Window, p: BlockParams) -> int:
     for strip in row_strips(source, STRIP_PIXELS):
         x = geozarr.read_region(p.source_uri, p.data_var, strip, p.band_indices)
         t, b, h, w = x.shape
-        _, values = scores.compute_scores(x.reshape(t, b, h * w), p.methods, p.distance, p.robust)
+        values = score_strip(x.reshape(t, b, h * w), p)
         parts.append(values.reshape(t, values.shape[1], h, w))
     # One write per block: blocks are chunk-aligned, so tasks never share a chunk.
     geozarr.write_region(p.out_uri, p.out_var, block, np.concatenate(parts, axis=2))
@@ -116,8 +146,6 @@ def preflight(resource: ChangeScore, request: JobRequest) -> tuple[geozarr.Store
             f"spec.source: {source_uri} has {len(info.times)} time step; change scores need at least {MIN_TIME_STEPS} "
             "(use a Mosaic with a time.window that yields several composites)"
         )
-    if ChangeMethod.CLUSTER_TRANSITION in spec.methods:
-        raise UserError("spec.methods: clusterTransition is not available in this version; use difference or looMedoid")
     is_int8 = np.dtype(info.dtype) == np.int8
     if spec.distance == Distance.ALPHA_EARTH_COSINE and not is_int8:
         raise UserError(
@@ -131,15 +159,70 @@ def preflight(resource: ChangeScore, request: JobRequest) -> tuple[geozarr.Store
     return info, band_idx, selector_window(spec.selector, info.grid)
 
 
+def sample_windows(window: Window, grid: int = SAMPLE_GRID, side: int = SAMPLE_SIDE) -> list[Window]:
+    """Up to ``grid``² windows of at most ``side`` px, centred on an even grid over ``window``."""
+    h, w = window.shape
+    sy, sx = min(side, h), min(side, w)
+    ys = np.unique(np.linspace(0, h - sy, min(grid, max(1, h // sy))).round().astype(int))
+    xs = np.unique(np.linspace(0, w - sx, min(grid, max(1, w // sx))).round().astype(int))
+    return [Window(window.y0 + y, window.y0 + y + sy, window.x0 + x, window.x0 + x + sx) for y in ys for x in xs]
+
+
+def sample_features(
+    source_uri: str, data_var: str, band_idx: list[int], window: Window, metric: str
+) -> list[np.ndarray]:
+    """Per time step, up to SAMPLE_PIXELS valid feature vectors drawn from the whole window
+    (deterministic: a fixed seed). I/O on the driver, one small window at a time."""
+    windows = sample_windows(window)
+    per_window = max(1, SAMPLE_PIXELS // len(windows))
+    rng = np.random.default_rng(SAMPLE_SEED)
+    parts: list[list[np.ndarray]] = []
+    for win in windows:
+        x = geozarr.read_region(source_uri, data_var, win, band_idx)
+        t, b, h, w = x.shape
+        feats, valid = clustering.raw_features(x.reshape(t, b, h * w), metric)
+        parts = parts or [[] for _ in range(t)]
+        for step in range(t):
+            good = feats[step][valid[step]]
+            if len(good) > per_window:
+                good = good[rng.choice(len(good), per_window, replace=False)]
+            parts[step].append(good)
+    return [np.concatenate(p) for p in parts]
+
+
+def fit_clusters(spec: ChangeScoreSpec, info: geozarr.StoreInfo, band_idx: list[int], window: Window,
+                 source_uri: str) -> clustering.ClusterModel:  # fmt: skip
+    """Global clusters for clusterTransition, fitted before the blocks (which only assign)."""
+    samples = sample_features(source_uri, spec.data_var, band_idx, window, spec.distance)
+    k = spec.clustering.k
+    for step, sample in enumerate(samples):
+        if len(sample) < k:
+            day = str(info.times[step].astype("datetime64[D]"))
+            raise UserError(
+                f"spec.clustering.k: the time step {day} has only {len(sample)} valid sampled pixels, fewer than "
+                f"k={k} clusters; lower k, or choose a selector window with more valid data"
+            )
+    return clustering.fit_model(samples, spec.distance, k, spec.clustering.method, seed=SAMPLE_SEED)
+
+
 def run(resource: ChangeScore, ctx: JobContext, reporter: Reporter) -> JobResult:
     spec = resource.spec
     request = ctx.request
     info, band_idx, window = preflight(resource, request)
     assert request.source_uri is not None
     names = score_names(spec)
+    model = None
+    if ChangeMethod.CLUSTER_TRANSITION in spec.methods:
+        reporter.progress(0, "sampling pixels for clusterTransition")
+        model = fit_clusters(spec, info, band_idx, window, request.source_uri)
+    blocks_lo = SAMPLE_PERCENT if model is not None else 0
+    blocks_hi = MULTISCALE_PERCENT if spec.output.multiscales else BLOCKS_PERCENT
     out_grid = info.grid.window(window)
     tmp = storage.temporary_uri(request.output_uri, request.run_id)
     storage.remove(tmp)  # a previous attempt of the same run may have left a partial prefix
+    attrs: dict[str, Any] = {"rasterkube:kind": resource.kind, "rasterkube:source": request.source_uri}
+    if model is not None:
+        attrs[multiscale.CATEGORICAL_BANDS_ATTR] = [clustering.LABEL_BAND]  # mode, not mean, in a pyramid
     out = geozarr.create(
         tmp,
         out_grid,
@@ -147,7 +230,7 @@ def run(resource: ChangeScore, ctx: JobContext, reporter: Reporter) -> JobResult
         names,
         dtype="float32",
         chunk_size=info.chunks[2],
-        attrs={"rasterkube:kind": resource.kind, "rasterkube:source": request.source_uri},
+        attrs=attrs,
     )
     params = BlockParams(
         source_uri=request.source_uri,
@@ -159,6 +242,8 @@ def run(resource: ChangeScore, ctx: JobContext, reporter: Reporter) -> JobResult
         robust=spec.robust_time_zscore,
         out_uri=tmp,
         out_var=out.data_var,
+        names=tuple(names),
+        cluster_model=model,
     )
     blocks = plan_blocks(out_grid.shape, out.chunks[2:], spec.xy_block_multiplier)
     try:
@@ -168,9 +253,17 @@ def run(resource: ChangeScore, ctx: JobContext, reporter: Reporter) -> JobResult
             params,
             num_cpus=spec.resources.cpus,
             max_in_flight=ctx.max_in_flight,
-            reporter=ScaledReporter(reporter, 0, BLOCKS_PERCENT),
+            reporter=ScaledReporter(reporter, blocks_lo, blocks_hi),
             message="scoring blocks",
         )
+        levels = None
+        if spec.output.multiscales:
+            levels = multiscale.build(
+                tmp,
+                reporter=ScaledReporter(reporter, MULTISCALE_PERCENT, BLOCKS_PERCENT),
+                num_cpus=spec.resources.cpus,
+                max_in_flight=ctx.max_in_flight,
+            )
         reporter.progress(COMMIT_PERCENT, "committing output")
         geozarr.finalize(tmp)
         storage.commit(tmp, request.output_uri)
@@ -178,7 +271,10 @@ def run(resource: ChangeScore, ctx: JobContext, reporter: Reporter) -> JobResult
     except BaseException:
         storage.remove(tmp)
         raise
-    return JobResult(uri=request.output_uri, summary=_summary(out, blocks))
+    summary = _summary(out, blocks)
+    if levels is not None:
+        summary["multiscales"] = [list(g.shape) for g in levels]
+    return JobResult(uri=request.output_uri, summary=summary)
 
 
 def _summary(out: geozarr.StoreInfo, blocks: list[Window]) -> dict[str, Any]:

@@ -33,6 +33,18 @@ def _change_score() -> ModuleType:
     return service
 
 
+def _prediction() -> ModuleType:
+    from rasterkube.predict import service
+
+    return service
+
+
+def _mosaic() -> ModuleType:
+    from rasterkube.mosaic import service
+
+    return service
+
+
 def _vectorization() -> ModuleType:
     from rasterkube.vectorize import service
 
@@ -41,7 +53,9 @@ def _vectorization() -> ModuleType:
 
 # Imported lazily so a job only loads what its kind needs (torch, rasterio, ...).
 SERVICES: dict[Kind, Callable[[], ModuleType]] = {
+    Kind.PREDICTION: _prediction,
     Kind.CHANGE_SCORE: _change_score,
+    Kind.MOSAIC: _mosaic,
     Kind.VECTORIZATION: _vectorization,
 }
 
