@@ -7,6 +7,8 @@ Every field carries a description because that text is what ``kubectl explain`` 
 
 from __future__ import annotations
 
+import re
+
 from enum import StrEnum
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -182,6 +184,19 @@ class Toleration(ApiModel):
 
 
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[mkM]|e[0-9]+)?$"
+_QUANTITY_SUFFIXES = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18, "m": 1e-3,
+}  # fmt: skip
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (``4Gi``, ``512M``, ``1e9``) in bytes."""
+    number = re.match(r"^[0-9]+(\.[0-9]+)?(e[0-9]+)?", quantity)
+    if number is None:
+        raise ValueError(f"not a quantity: {quantity!r}")
+    suffix = quantity[number.end() :]
+    return int(float(number.group(0)) * _QUANTITY_SUFFIXES.get(suffix, 1))
 
 
 class Resources(ApiModel):
@@ -195,6 +210,10 @@ class Resources(ApiModel):
         default_factory=dict, description="Node labels the Ray workers must match (e.g. the GPU node pool)."
     )
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for the Ray worker pods.")
+
+    @property
+    def memory_bytes(self) -> int:
+        return quantity_bytes(self.memory)
 
 
 class Condition(ApiModel):

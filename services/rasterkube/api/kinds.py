@@ -201,9 +201,43 @@ class ModelSpec(ApiModel):
 class Serving(ApiModel):
     """How Ray Serve hosts the model."""
 
-    replicas: int = Field(1, ge=1, le=512, description="Model replicas.")
+    model_config = ConfigDict(
+        json_schema_extra={
+            CEL: [
+                cel(
+                    "!has(self.maxReplicas) || self.maxReplicas >= self.replicas",
+                    "serving.maxReplicas: must be at least replicas",
+                )
+            ]
+        }
+    )
+
+    replicas: int = Field(1, ge=1, le=512, description="Model replicas (the minimum when maxReplicas is set).")
+    max_replicas: int | None = Field(
+        None, ge=1, le=512, description="Autoscale between replicas and maxReplicas on queued requests."
+    )
+    cpus_per_replica: float = Field(
+        1.0, gt=0, description="CPUs per replica; torch uses this many threads (Ray would otherwise set 1)."
+    )
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica; fractions share a GPU.")
-    share_deployment: bool = Field(True, description="Reuse a running deployment of the same model.")
+    share_deployment: bool = Field(
+        True, description="Reuse a running deployment of the same model and serving settings; else one per run."
+    )
+    idle_timeout_seconds: int = Field(
+        120,
+        ge=0,
+        le=86400,
+        description=(
+            "A shared deployment scales to zero replicas after this many seconds without requests, giving its "
+            "CPUs/GPUs back (0: keep its replicas running)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _replicas(self) -> Serving:
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"maxReplicas ({self.max_replicas}) must be at least replicas ({self.replicas})")
+        return self
 
 
 PREDICTION_SOURCES = {SourceField.MOSAIC_REF, SourceField.URI}

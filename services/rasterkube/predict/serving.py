@@ -1,0 +1,291 @@
+"""Ray Serve hosting of a model: one deployment per model, batches of patches in, numpy out.
+
+Workers send whole batches of patches (``(n, C, P, P)`` float32 numpy, ``n <= maxBatchSize``)
+through a :class:`~ray.serve.handle.DeploymentHandle` — never HTTP, never one request per
+patch. ``@serve.batch`` with a ``batch_size_fn`` counting *patches* merges small requests
+(blocks at the image edge, the last batch of a block) from several workers until a model call
+holds ``maxBatchSize`` patches. No HTTP proxy is started: the deployment is only reachable
+through handles (nothing listens on a port).
+
+Threads: Ray sets ``OMP_NUM_THREADS=1`` in workers; the replica sets torch's intra-op threads
+to its CPU reservation on purpose (DESIGN §4), so a 1-CPU replica uses one core, a 4-CPU
+replica four.
+
+Sharing: the application name is derived from the model's content hash and everything that
+changes how it is served, so a later Prediction of the same model and serving settings reuses
+the running replicas (``serving.shareDeployment``); otherwise the app is named after the run
+and deleted when the run ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import asdict, dataclass
+from typing import Any, Final, Protocol
+
+import numpy as np
+
+from rasterkube.api.kinds import DeviceKind
+from rasterkube.errors import UserError
+
+APP_PREFIX: Final = "rasterkube-model"
+DEPLOYMENT: Final = "ModelServer"
+BATCH_WAIT_S: Final = 0.005  # long enough to merge concurrent small requests, short against a model call
+HANDLE_TIMEOUT_S: Final = 600.0
+RUNNING: Final = "RUNNING"
+DEPLOY_FAILED: Final = "DEPLOY_FAILED"
+DEPLOY_TIMEOUT_S: Final = 900.0
+POLL_S: Final = 2.0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything that identifies a deployment; equal configs share one."""
+
+    model_uri: str
+    model_sha256: str
+    softmax: bool
+    device: str
+    max_batch_size: int
+    replicas: int
+    max_replicas: int | None
+    cpus_per_replica: float
+    gpus_per_replica: float
+    idle_timeout_s: float = 120.0
+    probe_channels: int | None = None
+
+    def key(self) -> str:
+        # The URI is not part of the identity (the content is): a model moved to S3 stays shared.
+        ident = {k: v for k, v in asdict(self).items() if k != "model_uri"}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+
+    def app_name(self, share: bool, run_id: str) -> str:
+        suffix = self.key() if share else f"run-{run_id}"
+        return f"{APP_PREFIX}-{self.model_sha256[:12]}-{suffix}"
+
+
+def pick_device(requested: str, cuda_available: bool) -> str:
+    """``auto`` → ``cuda`` when a GPU is visible to the replica, else ``cpu``."""
+    if requested == DeviceKind.AUTO:
+        return "cuda" if cuda_available else "cpu"
+    return str(requested)
+
+
+def torch_threads(cpus: float) -> int:
+    return max(1, math.floor(cpus))
+
+
+def patch_count(requests: list[Any]) -> int:
+    """Serve batch size in patches, not requests (``batch_size_fn``)."""
+    return sum(len(r) for r in requests)
+
+
+class Predictor(Protocol):
+    """What a block task calls: a batch of patches in, predictions out."""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class TorchRunner:
+    """The model on one device; shared by the replica and the in-process baseline."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        import torch
+
+        from rasterkube.predict import models
+
+        torch.set_num_threads(torch_threads(config.cpus_per_replica))
+        # Batches arrive zero-copy from Ray's object store, hence read-only; the model never
+        # writes to its input, so torch's warning about non-writable arrays does not apply.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        self.device = pick_device(config.device, torch.cuda.is_available())
+        fetched = models.fetch(config.model_uri)
+        if fetched.sha256 != config.model_sha256:
+            raise RuntimeError(
+                f"{config.model_uri} changed since the job started (sha256 {fetched.sha256[:12]} != "
+                f"{config.model_sha256[:12]}); run the Prediction again"
+            )
+        loaded = models.load(fetched.path, config.model_uri, probe_channels=config.probe_channels)
+        self.model = loaded.model.to(self.device)
+        self.transforms = loaded.transforms.to(self.device) if loaded.transforms is not None else None
+        self.softmax = config.softmax
+        self.max_batch_size = config.max_batch_size
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        outs = []
+        with torch.inference_mode():
+            for start in range(0, len(batch), self.max_batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(batch[start : start + self.max_batch_size]))
+                x = x.to(self.device, dtype=torch.float32, non_blocking=True)
+                if self.transforms is not None:
+                    x = self.transforms(x)
+                y = self.model(x)
+                if self.softmax:
+                    y = torch.softmax(y, dim=1)
+                outs.append(y.float().cpu().numpy())
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+
+def _deployment_class() -> Any:
+    from ray import serve
+
+    class ModelServer:
+        def __init__(self, config: ServeConfig) -> None:
+            self.runner = TorchRunner(config)
+            self.predict_batch.set_max_batch_size(config.max_batch_size)
+
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=BATCH_WAIT_S, batch_size_fn=patch_count)
+        async def predict_batch(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+            sizes = [len(b) for b in batches]
+            out = self.runner.predict(batches[0] if len(batches) == 1 else np.concatenate(batches))
+            return list(np.split(out, np.cumsum(sizes)[:-1]))
+
+        async def __call__(self, batch: np.ndarray) -> np.ndarray:
+            return await self.predict_batch(batch)
+
+        def device(self) -> str:
+            return self.runner.device
+
+    return serve.deployment(ModelServer, name=DEPLOYMENT)
+
+
+def _options(config: ServeConfig, share: bool) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        # One log line per request would drown the job's log (thousands of batches).
+        "logging_config": {"enable_access_log": False},
+        "ray_actor_options": {"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
+        # Enough requests queued at a replica to fill the next batch while one runs.
+        "max_ongoing_requests": max(8, 4 * config.max_batch_size),
+    }
+    autoscale = config.max_replicas is not None and config.max_replicas > config.replicas
+    if not (share or autoscale):
+        opts["num_replicas"] = config.replicas
+        return opts
+    opts["autoscaling_config"] = {
+        # A shared deployment outlives its run: between runs it scales to zero replicas so
+        # that its CPUs/GPUs go back to the cluster (a kept replica could starve the block
+        # tasks of the next run), and back up when a run sends requests again.
+        "min_replicas": 0 if share and config.idle_timeout_s > 0 else config.replicas,
+        "initial_replicas": config.replicas,
+        "max_replicas": max(config.replicas, config.max_replicas or config.replicas),
+        # Workers keep many batches in flight, so this scales to max_replicas under load.
+        "target_ongoing_requests": 2,
+        "upscale_delay_s": 3.0,
+        "downscale_delay_s": max(config.idle_timeout_s, 30.0),
+        "downscale_to_zero_delay_s": max(config.idle_timeout_s, 1.0),
+    }
+    return opts
+
+
+def ensure_serve() -> None:
+    """Start Serve's controller if this cluster has none, with no HTTP proxy."""
+    from ray import serve
+    from ray.serve.config import ProxyLocation
+
+    serve.start(proxy_location=ProxyLocation.Disabled)
+
+
+def app_status(app: str) -> tuple[str | None, str]:
+    """(status name or None when absent, message) of a Serve application."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return None, ""
+    return str(getattr(status.status, "value", status.status)), status.message or ""
+
+
+def check_capacity(config: ServeConfig, task_cpus: float, cluster: dict[str, float]) -> None:
+    """Refuse a deployment whose replicas (plus a block task) cannot fit the cluster at all."""
+    cpus = cluster.get("CPU", 0.0)
+    need = config.replicas * config.cpus_per_replica + task_cpus
+    if need > cpus:
+        raise UserError(
+            f"spec.serving.cpusPerReplica: {config.replicas} replica(s) x {config.cpus_per_replica:g} CPU plus "
+            f"{task_cpus:g} CPU per block task need {need:g} CPUs, the Ray cluster has {cpus:g}; lower "
+            "serving.cpusPerReplica or serving.replicas, or add workers"
+        )
+
+
+def deploy(
+    config: ServeConfig,
+    app: str,
+    share: bool,
+    timeout_s: float = DEPLOY_TIMEOUT_S,
+    on_wait: Callable[[str], None] | None = None,
+) -> bool:
+    """Deploy ``app`` unless it is already running; True when an existing one is reused.
+
+    Waits for the replicas at most ``timeout_s`` (a GPU node pool may need minutes to scale
+    up), reporting Serve's own message meanwhile, and fails with it instead of hanging when
+    the replicas cannot be placed.
+    """
+    from ray import serve
+
+    ensure_serve()
+    status, _ = app_status(app)
+    if status == RUNNING:
+        return True
+    target = _deployment_class().options(**_options(config, share)).bind(config)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(serve.run, target, name=app, route_prefix=None)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                future.result(timeout=POLL_S)
+                return False
+            except FutureTimeout:
+                pass
+            status, message = app_status(app)
+            if status == DEPLOY_FAILED:
+                delete(app)
+                raise RuntimeError(f"Ray Serve could not deploy the model: {message}")
+            if time.monotonic() > deadline:
+                delete(app)
+                raise RuntimeError(
+                    f"the model's replicas did not start within {timeout_s:.0f} s ({message or status}); check that "
+                    "the cluster has the CPUs/GPUs that spec.serving asks for"
+                )
+            if on_wait is not None:
+                on_wait(message or f"waiting for replicas ({status})")
+
+
+def delete(app: str) -> None:
+    """Delete ``app`` if it exists (a run that failed before deploying has none)."""
+    from ray import serve
+
+    if app in serve.status().applications:
+        serve.delete(app, _blocking=True)
+
+
+class ServePredictor:
+    """A :class:`Predictor` over a deployment handle; usable inside Ray tasks."""
+
+    def __init__(self, app: str) -> None:
+        from ray import serve
+
+        self.handle = serve.get_deployment_handle(DEPLOYMENT, app_name=app)
+
+    def submit(self, batch: np.ndarray) -> Any:
+        return self.handle.remote(batch)
+
+    @staticmethod
+    def result(response: Any) -> np.ndarray:
+        return response.result(timeout_s=HANDLE_TIMEOUT_S)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return self.result(self.submit(batch))
+
+    def predict_many(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """All batches in flight at once (the replica queues them), results in order."""
+        responses = [self.submit(b) for b in batches]
+        return [self.result(r) for r in responses]

@@ -1,0 +1,195 @@
+"""The Prediction job on real Ray + Ray Serve with real exported models.
+
+Blockwise clip merging equals whole-image inference, weighted average is seam-free, change
+detection stacks time-major, nodata propagates, bad input is refused with nothing written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.stores import random_series, write_store
+from helpers.torchmodels import ConvNet, conv_pt2, export_pt2
+from rasterkube import geozarr, storage
+from rasterkube.errors import UserError
+from rasterkube.jobs import run_job
+from rasterkube.jobs.context import JobRequest
+from rasterkube.predict import windows
+from rasterkube.runtime.progress import CallbackReporter
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
+
+# float32 convolutions of different input sizes may use different kernels/accumulation orders.
+ATOL = 2e-5
+
+
+def request(source: str, output: str, model_uri: str, features: list[str], labels: list[str], **spec) -> JobRequest:
+    resource = {
+        "apiVersion": "rasterkube.dev/v1alpha1",
+        "kind": "Prediction",
+        "metadata": {"name": "t"},
+        "spec": {
+            "source": {"uri": source},
+            "model": {"uri": model_uri, "features": features, "labels": labels, **spec.pop("model", {})},
+            # One deployment per run unless a test says otherwise: no replicas left over.
+            "serving": {"shareDeployment": False, **spec.pop("serving", {})},
+            **spec,
+        },
+    }
+    return JobRequest(resource=resource, output_uri=output, source_uri=source)
+
+
+def whole_image(net: torch.nn.Module, image: np.ndarray, clip: int, softmax: bool) -> np.ndarray:
+    """The model applied once to the whole (reflect-padded) image, cropped back."""
+    padded = windows.pad_for_patches(np.nan_to_num(image), clip, "reflect")
+    with torch.inference_mode():
+        y = net.eval()(torch.from_numpy(padded[None].copy()))
+        if softmax:
+            y = torch.softmax(y, dim=1)
+    return y[0, :, clip : clip + image.shape[1], clip : clip + image.shape[2]].numpy()
+
+
+def test_clip_merge_equals_whole_image_inference(tmp_path: Path) -> None:
+    # Odd sizes: not multiples of the patch stride, the chunk or the block.
+    data = random_series(2, 3, 157, 203, seed=3, nan_fraction=0.0)
+    data[1, :, 50:53, 60:66] = np.nan  # nodata in the second time step
+    src = write_store(str(tmp_path / "src.zarr"), data, chunk=32)
+    net = ConvNet(3, 4, layers=3, seed=1)  # receptive-field radius 3 <= clipSize 4
+    model = export_pt2(net, tmp_path / "seg.pt2", 3, patch=40)
+    out = str(tmp_path / "out.zarr")
+    seen: list[float] = []
+    result = run_job(
+        request(src, out, str(model), [f"test:b{i}" for i in range(3)], list("abcd"),
+                patchSize=40, clipSize=4, maxBatchSize=7, xyBlockMultiplier=2),  # fmt: skip
+        CallbackReporter(lambda pct, msg: seen.append(pct)),
+    )
+    assert result.summary["bands"] == list("abcd")
+    assert result.summary["blocks"] == 3 * 4
+    assert seen == sorted(seen) and seen[-1] == 100
+    got = geozarr.open_dataset(out)["variables"].values
+    assert got.shape == (2, 4, 157, 203)
+    for t in range(2):
+        want = whole_image(net, data[t], 4, softmax=True)
+        valid = np.isfinite(data[t]).all(axis=0)
+        np.testing.assert_allclose(got[t][:, valid], want[:, valid], atol=ATOL, rtol=0)
+        assert np.isnan(got[t][:, ~valid]).all(), "nodata pixels stay nodata"
+    np.testing.assert_allclose(got[0].sum(axis=0), 1.0, atol=1e-5)  # softmax probabilities
+    # Away from the image edge it is exactly the unpadded model, too.
+    with torch.inference_mode():
+        plain = torch.softmax(net(torch.from_numpy(data[0][None].copy())), dim=1)[0].numpy()
+    np.testing.assert_allclose(got[0][:, 4:-4, 4:-4], plain[:, 4:-4, 4:-4], atol=ATOL, rtol=0)
+    # The grid and attributes follow the source.
+    src_info, out_info = geozarr.describe(src), geozarr.describe(out)
+    assert out_info.grid == src_info.grid
+    assert (out_info.times == src_info.times).all()
+    assert out_info.attrs["rasterkube:actor"] == "semanticSegmentation"
+
+
+def test_weighted_average_is_seam_free(tmp_path: Path) -> None:
+    data = random_series(1, 2, 97, 131, seed=5, nan_fraction=0.0)
+    src = write_store(str(tmp_path / "src.zarr"), data, chunk=16)
+    net = ConvNet(2, 1, layers=2, seed=2)  # radius 2: the two outer pixels of a patch lack context
+    model = export_pt2(net, tmp_path / "reg.pt2", 2, patch=24)
+    out = str(tmp_path / "out.zarr")
+    run_job(request(src, out, str(model), ["test:b0", "test:b1"], ["value"], patchSize=24, clipSize=4,
+                    mergeMode="weightedAverage", xyBlockMultiplier=2, model={"actor": "regression"}))  # fmt: skip
+    got = geozarr.open_dataset(out)["variables"].values[0, 0]
+    want = whole_image(net, data[0], 4, softmax=False)[0]
+    err = np.abs(got - want)
+    # Patch-edge pixels without context get the smallest blend weights: their errors are
+    # damped to a few percent of the signal ...
+    assert err.max() < 0.05 * np.ptp(want), (err.max(), np.ptp(want))
+    # ... and block edges (every 32 px, where tasks meet) are no worse than the patch overlaps
+    # inside a block: the halo gives blocks the same context, so there are no seams.
+    block_edges = np.r_[err[31:33].ravel(), err[:, 31:33].ravel(), err[63:65].ravel(), err[:, 63:65].ravel()]
+    assert block_edges.max() <= err.max() + 1e-7
+    assert block_edges.mean() < 3 * err.mean() + 1e-6
+    print("weighted-average error", err.max(), err.mean(), block_edges.mean(), np.ptp(want))
+
+
+def test_weighted_average_keeps_constants_at_borders(tmp_path: Path) -> None:
+    data = random_series(1, 1, 45, 37, seed=6, nan_fraction=0.0)
+    src = write_store(str(tmp_path / "src.zarr"), data, chunk=16)
+    net = ConvNet(1, 1, layers=1)
+    with torch.no_grad():
+        net.convs[0].weight.zero_()
+        net.convs[0].bias.fill_(0.75)
+    model = export_pt2(net, tmp_path / "const.pt2", 1, patch=16)
+    out = str(tmp_path / "out.zarr")
+    run_job(request(src, out, str(model), ["test:b0"], ["c"], patchSize=16, clipSize=3,
+                    mergeMode="weightedAverage", model={"actor": "regression"}))  # fmt: skip
+    got = geozarr.open_dataset(out)["variables"].values
+    np.testing.assert_allclose(got, 0.75, rtol=1e-6)  # no darkening at borders or seams
+
+
+class TimeMajorIdentity(torch.nn.Module):
+    """Returns its input channels unchanged: shows the channel order the model was given."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1.0
+
+
+def test_change_detection_stacks_time_major(tmp_path: Path) -> None:
+    t, c, h, w = 2, 3, 20, 24
+    # Pixel values encode (time, band): 10·t + band.
+    data = (10 * np.arange(t)[:, None, None, None] + np.arange(c)[None, :, None, None]).astype(np.float32)
+    data = np.broadcast_to(data, (t, c, h, w)).copy()
+    src = write_store(str(tmp_path / "src.zarr"), data, chunk=16, start_year=2010)
+    ep = torch.export.export(
+        TimeMajorIdentity(), (torch.randn(2, t * c, 16, 16),), dynamic_shapes=({0: torch.export.Dim("b", min=1)},)
+    )
+    model = tmp_path / "change.pt2"
+    torch.export.save(ep, str(model))
+    labels = [f"ch{i}" for i in range(t * c)]
+    out = str(tmp_path / "out.zarr")
+    with pytest.raises(UserError, match="spec.model.features: 3 feature"):
+        # As a per-time-step actor the same model would get 3 channels, not 6.
+        run_job(request(src, out, str(model), ["test:b0", "test:b1", "test:b2"], labels, patchSize=16,
+                        clipSize=2, model={"actor": "regression"}))  # fmt: skip
+    result = run_job(request(src, out, str(model), ["test:b0", "test:b1", "test:b2"], labels, patchSize=16,
+                             clipSize=2, model={"actor": "changeDetection"}))  # fmt: skip
+    ds = geozarr.open_dataset(out)
+    got = ds["variables"].values
+    assert got.shape == (1, t * c, h, w), "one output time step"
+    # softmax over identity channels: order is preserved, so the largest value is the last
+    # (t=1, band 2) channel and values increase with 10·t + band.
+    means = got[0].mean(axis=(1, 2))
+    assert list(np.argsort(means)) == list(range(t * c)), "channels stacked time-major: t0b0, t0b1, ..., t1b2"
+    assert str(ds["time"].values[0])[:10] == "2010-01-01"
+    assert int(geozarr.describe(out).times.size) == 1
+    assert result.summary["times"] == ["2010-01-01"]
+    delta = ds["time_delta"].values
+    assert int(np.asarray(delta).astype("timedelta64[s]").astype(np.int64)[0]) == 365 * 86400
+
+
+def test_bad_input_names_the_field_and_writes_nothing(tmp_path: Path) -> None:
+    data = random_series(1, 2, 30, 30, seed=1)
+    src = write_store(str(tmp_path / "src.zarr"), data, chunk=16)
+    model = conv_pt2(tmp_path / "m.pt2", 2, 3, patch=16)
+    out = tmp_path / "out.zarr"
+    feats = ["test:b0", "test:b1"]
+    cases = {
+        "spec.model.features": request(src, str(out), str(model), ["test:b0", "nope"], list("abc"), patchSize=16,
+                                       clipSize=2),  # fmt: skip
+        "spec.model.labels": request(src, str(out), str(model), feats, ["a", "b"], patchSize=16, clipSize=2),
+        "spec.patchSize": request(src, str(out), str(model), feats, list("abc"), patchSize=32, clipSize=2),
+        "spec.model.uri": request(src, str(out), str(tmp_path / "missing.pt2"), feats, list("abc"), patchSize=16,
+                                  clipSize=2),  # fmt: skip
+        "spec.maxBatchSize": request(src, str(out), str(model), feats, list("abc"), patchSize=16, clipSize=2,
+                                     maxBatchSize=1024, model={"uri": str(conv_pt2(tmp_path / "big.pt2", 2, 3))}),
+    }
+    cases["spec.maxBatchSize"].resource["spec"]["patchSize"] = 2048
+    cases["spec.maxBatchSize"].resource["spec"]["clipSize"] = 16
+    (tmp_path / "junk.pt2").write_bytes(b"not a model")
+    cases["spec.model.uri "] = request(src, str(out), str(tmp_path / "junk.pt2"), feats, list("abc"), patchSize=16,
+                                      clipSize=2)  # fmt: skip
+    for field, req in cases.items():
+        with pytest.raises(UserError) as err:
+            run_job(req)
+        assert str(err.value).startswith(field.strip()), (field, str(err.value))
+        assert not out.exists()
+        assert not any(p.name.startswith(".") and "out.zarr" in p.name for p in tmp_path.iterdir())
