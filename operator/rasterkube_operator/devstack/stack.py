@@ -55,6 +55,7 @@ BUCKET = s3.DEFAULT_BUCKET
 STORAGE_ROOT = f"s3://{BUCKET}/data"
 SAMPLE_URI = f"s3://{BUCKET}/samples/landsat-annual.zarr"
 #: Static STAC catalog of the sample scenes (COGs) that examples/mosaic-landsat.yaml searches.
+#: The demo models are seeded too, under ``s3://rasterkube/models/`` (see SEED_SCRIPT).
 SAMPLE_STAC_URI = f"s3://{BUCKET}/samples/stac"
 
 STATE_FILE = "stack.json"
@@ -86,10 +87,17 @@ ENV_STORAGE_ROOT = "RASTERKUBE_STORAGE_ROOT"
 ENV_RAY_DASHBOARD = "RASTERKUBE_RAY_DASHBOARD"
 
 #: Builds the real sample store; run in a child process with the S3 environment.
+#: The demo models (rasterkube.models), for the Prediction examples.
+MODELS_URI = f"s3://{BUCKET}/models"
 SEED_SCRIPT = (
     "import sys\n"
+    "from rasterkube import storage\n"
+    "from rasterkube.models import DEMO_MODELS\n"
     "from rasterkube.samples import build_landsat_annual_store\n"
     "from rasterkube.mosaic.localstac import build_sample_catalogs\n"
+    "fs, _ = storage.filesystem(" + repr(MODELS_URI) + ")\n"
+    "for m in DEMO_MODELS.values():\n"
+    "    fs.put_file(str(m.path), " + repr(MODELS_URI) + " + '/' + m.file)\n"
     "print(build_landsat_annual_store(sys.argv[1]), flush=True)\n"
     f"print(build_sample_catalogs({SAMPLE_STAC_URI!r}), flush=True)\n"
 )

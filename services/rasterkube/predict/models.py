@@ -277,8 +277,11 @@ def check_pt2_safe(path: Path, uri: str = "") -> None:
                     )
         for name in names:
             if "/data/sample_inputs/" in name and name.endswith(".pt"):
+                payload = zf.read(name)
+                if not payload:
+                    continue  # no sample inputs saved: nothing to unpickle
                 try:
-                    torch.load(io.BytesIO(zf.read(name)), weights_only=True)
+                    torch.load(io.BytesIO(payload), weights_only=True)
                 except Exception:
                     raise ModelError(where, "its sample inputs are not plain tensors (would need pickle)") from None
 

@@ -14,7 +14,7 @@ from typing import Any, Final
 import numpy as np
 import ray
 
-from rasterkube import geozarr, storage
+from rasterkube import geozarr, multiscale, storage
 from rasterkube.api import Prediction, PredictionSpec
 from rasterkube.api.kinds import DeviceKind, MergeMode
 from rasterkube.constants import DATA_VAR
@@ -38,6 +38,7 @@ MEMORY_SHARE: Final = 0.5
 # Input plus output of one batch; activations of a conv net are several times larger.
 MAX_BATCH_IO_BYTES: Final = 1 << 30
 DEPLOY_PERCENT: Final = 5
+MULTISCALE_PERCENT: Final = 88
 BLOCKS_PERCENT: Final = 95
 COMMIT_PERCENT: Final = 97
 
@@ -242,9 +243,16 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter) -> JobResult:
             params,
             num_cpus=TASK_CPUS,
             max_in_flight=ctx.max_in_flight,
-            reporter=ScaledReporter(reporter, DEPLOY_PERCENT, BLOCKS_PERCENT),
+            reporter=ScaledReporter(
+                reporter, DEPLOY_PERCENT, MULTISCALE_PERCENT if spec.output.multiscales else BLOCKS_PERCENT
+            ),
             message="predicting blocks",
         )
+        levels = None
+        if spec.output.multiscales:
+            levels = multiscale.build(
+                tmp, reporter=ScaledReporter(reporter, MULTISCALE_PERCENT, BLOCKS_PERCENT), max_in_flight=ctx.max_in_flight
+            )
         reporter.progress(COMMIT_PERCENT, "committing output")
         geozarr.finalize(tmp)
         storage.commit(tmp, request.output_uri)
@@ -255,7 +263,10 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter) -> JobResult:
     finally:
         if not spec.serving.share_deployment:
             serving.delete(app)  # a per-run deployment ends with its run
-    return JobResult(uri=request.output_uri, summary=_summary(out, blocks, int(sum(patches)), app, reused))
+    summary = _summary(out, blocks, int(sum(patches)), app, reused)
+    if levels is not None:
+        summary["multiscales"] = [list(g.shape) for g in levels]
+    return JobResult(uri=request.output_uri, summary=summary)
 
 
 def _summary(out: geozarr.StoreInfo, blocks: list[Window], patches: int, app: str, reused: bool) -> dict[str, Any]:
