@@ -116,6 +116,13 @@ def test_every_example_succeeds_with_outputs_in_s3(stack: devstack.StackInfo) ->
 
     frame = geopandas.read_parquet(polygons["uri"], storage_options=storage.storage_options(polygons["uri"]))
     assert len(frame) == polygons["summary"]["feature_count"] and frame.crs.to_epsg() == 4326
+    # Mosaic → Prediction (changeDetection, model from S3 on Ray Serve) → Vectorization.
+    prediction = done[("prediction", "landsat-change-model")]["status"]["outputs"]
+    pred_info = geozarr.describe(prediction["uri"])
+    assert pred_info.bands == ("no_change", "change") and pred_info.shape[0] == 1, "one time step: the window start"
+    assert prediction["summary"]["patches"] > 0 and prediction["summary"]["deployment"].startswith("rasterkube-model-")
+    change_polygons = done[("vectorization", "landsat-change-model-polygons")]["status"]["outputs"]
+    assert change_polygons["summary"]["feature_count"] > 0
     table = kubectl(stack, "get", "rasterkube").stdout
     assert "Succeeded" in table and "PROGRESS" in table
     reasons = kubectl(stack, "get", "events", "--field-selector", "involvedObject.name=landsat-change",
