@@ -9,3 +9,19 @@ class UserError(ValueError):
 
 class ServiceUnavailable(UserError):
     """The kind has no service in this version."""
+
+
+class ResourceNotFound(UserError, LookupError):
+    """No resource (or no output) of that kind and name."""
+
+
+class ResourceFailed(RuntimeError):
+    """A resource's run failed (phase Failed, condition Stalled); the message is its status message."""
+
+    def __init__(self, kind: str, name: str, message: str, status: dict[str, object] | None = None) -> None:
+        super().__init__(f"{kind}/{name} failed: {message}")
+        self.kind, self.name, self.status = kind, name, status or {}
+
+
+class WaitTimeout(TimeoutError):
+    """A resource did not finish in the time given; it keeps running."""
