@@ -18,7 +18,7 @@ from rasterkube import geozarr, storage
 from rasterkube.errors import UserError
 from rasterkube.jobs import run_job
 from rasterkube.jobs.context import JobRequest
-from rasterkube.predict import windows
+from rasterkube.predict import serving, windows
 from rasterkube.runtime.progress import CallbackReporter
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
@@ -193,3 +193,34 @@ def test_bad_input_names_the_field_and_writes_nothing(tmp_path: Path) -> None:
         assert str(err.value).startswith(field.strip()), (field, str(err.value))
         assert not out.exists()
         assert not any(p.name.startswith(".") and "out.zarr" in p.name for p in tmp_path.iterdir())
+
+
+def test_shared_deployment_is_reused_then_scales_to_zero(tmp_path: Path) -> None:
+    import time
+
+    from ray import serve
+
+    data = random_series(1, 2, 24, 24, seed=8, nan_fraction=0.0)
+    src = write_store(str(tmp_path / "src.zarr"), data, chunk=16)
+    model = conv_pt2(tmp_path / "shared.pt2", 2, 2, patch=16)
+    feats = ["test:b0", "test:b1"]
+    shared = {"shareDeployment": True, "idleTimeoutSeconds": 1}
+    first = run_job(request(src, str(tmp_path / "a.zarr"), str(model), feats, ["x", "y"], patchSize=16,
+                            clipSize=2, serving=shared))  # fmt: skip
+    second = run_job(request(src, str(tmp_path / "b.zarr"), str(model), feats, ["x", "y"], patchSize=16,
+                             clipSize=2, serving=shared))  # fmt: skip
+    app = first.summary["deployment"]
+    assert second.summary["deployment"] == app and second.summary["deploymentReused"] is True
+    assert not first.summary["deploymentReused"]
+    np.testing.assert_array_equal(geozarr.open_dataset(str(tmp_path / "a.zarr"))["variables"].values,
+                                  geozarr.open_dataset(str(tmp_path / "b.zarr"))["variables"].values)  # fmt: skip
+    # Idle: the replicas go away (their CPU returns to the cluster), the app stays for reuse.
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        deployment = serve.status().applications[app].deployments["ModelServer"]
+        if sum(deployment.replica_states.values()) == 0:
+            break
+        time.sleep(2)
+    else:
+        raise AssertionError(f"replicas still running after 90 s: {deployment.replica_states}")
+    serving.delete(app)

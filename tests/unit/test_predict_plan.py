@@ -79,7 +79,8 @@ def test_shared_deployments_scale_to_zero_when_idle() -> None:
     scaling = serving._options(dataclasses.replace(CONFIG, replicas=2, max_replicas=6), share=False)
     assert scaling["autoscaling_config"]["min_replicas"] == 2 and scaling["autoscaling_config"]["max_replicas"] == 6
     gpu = serving._options(dataclasses.replace(CONFIG, gpus_per_replica=0.5), share=False)
-    assert gpu["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert {k: gpu["ray_actor_options"][k] for k in ("num_cpus", "num_gpus")} == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert "env_vars" in gpu["ray_actor_options"]["runtime_env"]
     assert per_run["logging_config"] == {"enable_access_log": False}
 
 

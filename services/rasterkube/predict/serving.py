@@ -34,6 +34,7 @@ import numpy as np
 
 from rasterkube.api.kinds import DeviceKind
 from rasterkube.errors import UserError
+from rasterkube.runtime.executor import carried_env
 
 APP_PREFIX: Final = "rasterkube-model"
 DEPLOYMENT: Final = "ModelServer"
@@ -162,7 +163,13 @@ def _options(config: ServeConfig, share: bool) -> dict[str, Any]:
     opts: dict[str, Any] = {
         # One log line per request would drown the job's log (thousands of batches).
         "logging_config": {"enable_access_log": False},
-        "ray_actor_options": {"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica},
+        "ray_actor_options": {
+            "num_cpus": config.cpus_per_replica,
+            "num_gpus": config.gpus_per_replica,
+            # Replicas are started by Serve's controller, not by the job: give them the job's
+            # storage settings (S3 endpoint, credentials) explicitly, as block tasks get them.
+            "runtime_env": {"env_vars": carried_env()},
+        },
         # Enough requests queued at a replica to fill the next batch while one runs.
         "max_ongoing_requests": max(8, 4 * config.max_batch_size),
     }
