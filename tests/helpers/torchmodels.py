@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ class ConvNet(torch.nn.Module):
         g = torch.Generator().manual_seed(seed)
         chans = [in_channels] + [hidden] * (layers - 1) + [out_channels]
         self.convs = torch.nn.ModuleList(
-            torch.nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chans[:-1], chans[1:], strict=True)
+            torch.nn.Conv2d(a, b, 3, padding=1) for a, b in itertools.pairwise(chans)
         )
         with torch.no_grad():
             for conv in self.convs:

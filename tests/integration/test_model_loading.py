@@ -10,11 +10,11 @@ import zipfile
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
-
 from helpers.torchmodels import ConvNet, conv_pt2
 from rasterkube import storage
 from rasterkube.models import DEMO_MODELS
@@ -24,9 +24,9 @@ pytestmark = pytest.mark.integration
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    requests: list[str] = []
+    requests: ClassVar[list[str]] = []
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         type(self).requests.append(self.path)
         super().do_GET()
 
@@ -63,7 +63,7 @@ def test_https_download_is_cached_by_content(http_root, tmp_path: Path) -> None:
 
 
 def test_hf_uri_resolves_to_the_resolve_url(http_root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    url, root, requests = http_root
+    url, root, _ = http_root
     (root / "org" / "repo" / "resolve" / "v1").mkdir(parents=True)
     conv_pt2(root / "org" / "repo" / "resolve" / "v1" / "model.pt2", 2, 3, patch=16)
     monkeypatch.setenv("HF_ENDPOINT", url)

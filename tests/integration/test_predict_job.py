@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers.stores import random_series, write_store
 from helpers.torchmodels import ConvNet, conv_pt2, export_pt2
-from rasterkube import geozarr, storage
+from rasterkube import geozarr
 from rasterkube.errors import UserError
 from rasterkube.jobs import run_job
 from rasterkube.jobs.context import JobRequest
@@ -64,7 +63,7 @@ def test_clip_merge_equals_whole_image_inference(tmp_path: Path) -> None:
     seen: list[float] = []
     result = run_job(
         request(src, out, str(model), [f"test:b{i}" for i in range(3)], list("abcd"),
-                patchSize=40, clipSize=4, maxBatchSize=7, xyBlockMultiplier=2),  # fmt: skip
+                patchSize=40, clipSize=4, maxBatchSize=7, xyBlockMultiplier=2),
         CallbackReporter(lambda pct, msg: seen.append(pct)),
     )
     assert result.summary["bands"] == list("abcd")
@@ -96,7 +95,7 @@ def test_weighted_average_is_seam_free(tmp_path: Path) -> None:
     model = export_pt2(net, tmp_path / "reg.pt2", 2, patch=24)
     out = str(tmp_path / "out.zarr")
     run_job(request(src, out, str(model), ["test:b0", "test:b1"], ["value"], patchSize=24, clipSize=4,
-                    mergeMode="weightedAverage", xyBlockMultiplier=2, model={"actor": "regression"}))  # fmt: skip
+                    mergeMode="weightedAverage", xyBlockMultiplier=2, model={"actor": "regression"}))
     got = geozarr.open_dataset(out)["variables"].values[0, 0]
     want = whole_image(net, data[0], 4, softmax=False)[0]
     err = np.abs(got - want)
@@ -121,7 +120,7 @@ def test_weighted_average_keeps_constants_at_borders(tmp_path: Path) -> None:
     model = export_pt2(net, tmp_path / "const.pt2", 1, patch=16)
     out = str(tmp_path / "out.zarr")
     run_job(request(src, out, str(model), ["test:b0"], ["c"], patchSize=16, clipSize=3,
-                    mergeMode="weightedAverage", model={"actor": "regression"}))  # fmt: skip
+                    mergeMode="weightedAverage", model={"actor": "regression"}))
     got = geozarr.open_dataset(out)["variables"].values
     np.testing.assert_allclose(got, 0.75, rtol=1e-6)  # no darkening at borders or seams
 
@@ -149,9 +148,9 @@ def test_change_detection_stacks_time_major(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="spec.model.features: 3 feature"):
         # As a per-time-step actor the same model would get 3 channels, not 6.
         run_job(request(src, out, str(model), ["test:b0", "test:b1", "test:b2"], labels, patchSize=16,
-                        clipSize=2, model={"actor": "regression"}))  # fmt: skip
+                        clipSize=2, model={"actor": "regression"}))
     result = run_job(request(src, out, str(model), ["test:b0", "test:b1", "test:b2"], labels, patchSize=16,
-                             clipSize=2, model={"actor": "changeDetection"}))  # fmt: skip
+                             clipSize=2, model={"actor": "changeDetection"}))
     ds = geozarr.open_dataset(out)
     got = ds["variables"].values
     assert got.shape == (1, t * c, h, w), "one output time step"
@@ -174,11 +173,11 @@ def test_bad_input_names_the_field_and_writes_nothing(tmp_path: Path) -> None:
     feats = ["test:b0", "test:b1"]
     cases = {
         "spec.model.features": request(src, str(out), str(model), ["test:b0", "nope"], list("abc"), patchSize=16,
-                                       clipSize=2),  # fmt: skip
+                                       clipSize=2),
         "spec.model.labels": request(src, str(out), str(model), feats, ["a", "b"], patchSize=16, clipSize=2),
         "spec.patchSize": request(src, str(out), str(model), feats, list("abc"), patchSize=32, clipSize=2),
         "spec.model.uri": request(src, str(out), str(tmp_path / "missing.pt2"), feats, list("abc"), patchSize=16,
-                                  clipSize=2),  # fmt: skip
+                                  clipSize=2),
         "spec.maxBatchSize": request(src, str(out), str(model), feats, list("abc"), patchSize=16, clipSize=2,
                                      maxBatchSize=1024, model={"uri": str(conv_pt2(tmp_path / "big.pt2", 2, 3))}),
     }
@@ -186,7 +185,7 @@ def test_bad_input_names_the_field_and_writes_nothing(tmp_path: Path) -> None:
     cases["spec.maxBatchSize"].resource["spec"]["clipSize"] = 16
     (tmp_path / "junk.pt2").write_bytes(b"not a model")
     cases["spec.model.uri "] = request(src, str(out), str(tmp_path / "junk.pt2"), feats, list("abc"), patchSize=16,
-                                      clipSize=2)  # fmt: skip
+                                      clipSize=2)
     for field, req in cases.items():
         with pytest.raises(UserError) as err:
             run_job(req)
@@ -206,14 +205,14 @@ def test_shared_deployment_is_reused_then_scales_to_zero(tmp_path: Path) -> None
     feats = ["test:b0", "test:b1"]
     shared = {"shareDeployment": True, "idleTimeoutSeconds": 1}
     first = run_job(request(src, str(tmp_path / "a.zarr"), str(model), feats, ["x", "y"], patchSize=16,
-                            clipSize=2, serving=shared))  # fmt: skip
+                            clipSize=2, serving=shared))
     second = run_job(request(src, str(tmp_path / "b.zarr"), str(model), feats, ["x", "y"], patchSize=16,
-                             clipSize=2, serving=shared))  # fmt: skip
+                             clipSize=2, serving=shared))
     app = first.summary["deployment"]
     assert second.summary["deployment"] == app and second.summary["deploymentReused"] is True
     assert not first.summary["deploymentReused"]
     np.testing.assert_array_equal(geozarr.open_dataset(str(tmp_path / "a.zarr"))["variables"].values,
-                                  geozarr.open_dataset(str(tmp_path / "b.zarr"))["variables"].values)  # fmt: skip
+                                  geozarr.open_dataset(str(tmp_path / "b.zarr"))["variables"].values)
     # Idle: the replicas go away (their CPU returns to the cluster), the app stays for reuse.
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:

@@ -17,7 +17,7 @@ from rasterkube.api.kinds import ChangeMethod, Distance, Selector
 from rasterkube.change import clustering, scores
 from rasterkube.errors import UserError
 from rasterkube.grid import GeoGrid, Window
-from rasterkube.jobs.context import JobContext, JobRequest, JobResult
+from rasterkube.jobs.context import JobContext, JobRequest, JobResult, raster_summary
 from rasterkube.runtime.blocks import plan_blocks, row_strips, shift
 from rasterkube.runtime.executor import run_blocks
 from rasterkube.runtime.progress import Reporter, ScaledReporter
@@ -271,17 +271,7 @@ def run(resource: ChangeScore, ctx: JobContext, reporter: Reporter) -> JobResult
     except BaseException:
         storage.remove(tmp)
         raise
-    summary = _summary(out, blocks)
+    summary = raster_summary(out, len(blocks))
     if levels is not None:
         summary["multiscales"] = [list(g.shape) for g in levels]
     return JobResult(uri=request.output_uri, summary=summary)
-
-
-def _summary(out: geozarr.StoreInfo, blocks: list[Window]) -> dict[str, Any]:
-    return {
-        "shape": list(out.shape),
-        "bands": list(out.bands),
-        "times": [str(t) for t in out.times.astype("datetime64[D]")],
-        "crs": out.grid.crs,
-        "blocks": len(blocks),
-    }

@@ -72,6 +72,18 @@ class JobResult:
         return asdict(self)
 
 
+def raster_summary(out: Any, blocks: int, **extra: Any) -> dict[str, Any]:
+    """The status summary of a raster output (a :class:`rasterkube.geozarr.StoreInfo`)."""
+    return {
+        "shape": list(out.shape),
+        "bands": list(out.bands),
+        "times": [str(t) for t in out.times.astype("datetime64[D]")],
+        "crs": out.grid.crs,
+        "blocks": blocks,
+        **extra,
+    }
+
+
 @dataclass(frozen=True)
 class JobContext:
     request: JobRequest

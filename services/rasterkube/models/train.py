@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         cards[WATER_S2.name] = {**card, "file": str(export(WATER_S2, tf, net, out).name)}
         tf, net, card = train_change(landsat, args.steps)
         cards[CHANGE_LANDSAT.name] = {**card, "file": str(export(CHANGE_LANDSAT, tf, net, out).name)}
-    for name, card in cards.items():
+    for card in cards.values():
         card.update({"steps": args.steps, "seed": SEED, "torch": torch.__version__.split("+")[0]})
     (out / "cards.json").write_text(json.dumps(cards, indent=2) + "\n")
     print(json.dumps(cards, indent=2))

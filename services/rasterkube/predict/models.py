@@ -243,7 +243,7 @@ def model_format(path: Path, uri: str = "") -> str:
         ) from None
     if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
         return FORMAT_PT2
-    if any(n.endswith("/constants.pkl") or n.endswith("/code/") or "/code/" in n for n in names):
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         return FORMAT_TORCHSCRIPT
     raise ModelError(uri or str(path), "is a zip file but neither a torch.export .pt2 archive nor TorchScript")
 
@@ -282,7 +282,7 @@ def check_pt2_safe(path: Path, uri: str = "") -> None:
                     continue  # no sample inputs saved: nothing to unpickle
                 try:
                     torch.load(io.BytesIO(payload), weights_only=True)
-                except Exception:
+                except Exception:  # noqa: BLE001 - any failure means: not plain tensors
                     raise ModelError(where, "its sample inputs are not plain tensors (would need pickle)") from None
 
 
@@ -361,7 +361,7 @@ def load(path: Path, uri: str = "", *, probe_channels: int | None = None, probe_
         check_pt2_safe(path, where)
         try:
             programs = load_pt2(str(path)).exported_programs
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - untrusted input: every failure is the file's
             raise ModelError(where, f"cannot be loaded as a .pt2 archive ({type(exc).__name__}: {exc})") from None
         if PROGRAM_MODEL not in programs:
             if len(programs) != 1:
@@ -374,14 +374,14 @@ def load(path: Path, uri: str = "", *, probe_channels: int | None = None, probe_
         return LoadedModel(model, transforms, signature)
     try:
         model = torch.jit.load(str(path), map_location="cpu").eval()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - untrusted input: every failure is the file's
         raise ModelError(where, f"cannot be loaded as TorchScript ({type(exc).__name__}: {exc})") from None
     if probe_channels is None:
         raise ModelError(where, "is TorchScript: give model.features so its input channels are known")
     try:
         with torch.inference_mode():
             out = model(torch.zeros(1, probe_channels, probe_patch, probe_patch))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the user's model code: report whatever it raises
         raise ModelError(
             where, f"fails on a (1, {probe_channels}, {probe_patch}, {probe_patch}) input: {type(exc).__name__}: {exc}"
         ) from None

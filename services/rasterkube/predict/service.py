@@ -9,7 +9,7 @@ writes the block. Blocks are chunk-aligned, so tasks never share an output chunk
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 import ray
@@ -20,7 +20,7 @@ from rasterkube.api.kinds import DeviceKind, MergeMode
 from rasterkube.constants import DATA_VAR
 from rasterkube.errors import UserError
 from rasterkube.grid import Window
-from rasterkube.jobs.context import JobContext, JobRequest, JobResult
+from rasterkube.jobs.context import JobContext, JobRequest, JobResult, raster_summary
 from rasterkube.predict import actors, models, serving, windows
 from rasterkube.runtime.blocks import plan_blocks
 from rasterkube.runtime.executor import run_blocks
@@ -263,20 +263,7 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter) -> JobResult:
     finally:
         if not spec.serving.share_deployment:
             serving.delete(app)  # a per-run deployment ends with its run
-    summary = _summary(out, blocks, int(sum(patches)), app, reused)
+    summary = raster_summary(out, len(blocks), patches=int(sum(patches)), deployment=app, deploymentReused=reused)
     if levels is not None:
         summary["multiscales"] = [list(g.shape) for g in levels]
     return JobResult(uri=request.output_uri, summary=summary)
-
-
-def _summary(out: geozarr.StoreInfo, blocks: list[Window], patches: int, app: str, reused: bool) -> dict[str, Any]:
-    return {
-        "shape": list(out.shape),
-        "bands": list(out.bands),
-        "times": [str(t) for t in out.times.astype("datetime64[D]")],
-        "crs": out.grid.crs,
-        "blocks": len(blocks),
-        "patches": patches,
-        "deployment": app,
-        "deploymentReused": reused,
-    }
