@@ -114,7 +114,8 @@ def bench_prediction(model: Path, args: argparse.Namespace, tmp: Path) -> tuple[
                            "labels": [f"c{i}" for i in range(args.classes)]},
                  "patchSize": args.patch, "clipSize": args.clip, "maxBatchSize": args.batch,
                  "xyBlockMultiplier": args.multiplier, "device": args.device,
-                 "serving": {"cpusPerReplica": args.cpus, "gpusPerReplica": args.gpus, "shareDeployment": True}},
+                 "serving": {"cpusPerReplica": args.cpus, "gpusPerReplica": args.gpus, "shareDeployment": True},
+                 "resources": {"gpus": args.gpus}},
     }  # fmt: skip
     out = str(tmp / "pred.zarr")
     start = time.perf_counter()

@@ -250,6 +250,11 @@ class PredictionSpec(ApiModel):
         json_schema_extra={
             CEL: [
                 cel("self.clipSize * 2 < self.patchSize", "clipSize: must be less than patchSize/2"),
+                cel(
+                    "!has(self.serving) || !has(self.serving.gpusPerReplica) || self.serving.gpusPerReplica == 0.0"
+                    " || (has(self.resources) && has(self.resources.gpus) && self.resources.gpus > 0.0)",
+                    "resources.gpus: serving.gpusPerReplica needs GPU workers; set resources.gpus (e.g. 1)",
+                ),
                 *_source_kinds_cel(PREDICTION_SOURCES, Kind.PREDICTION),
             ]
         }
@@ -272,6 +277,12 @@ class PredictionSpec(ApiModel):
         if self.clip_size * 2 >= self.patch_size:
             raise ValueError(f"clipSize ({self.clip_size}) must be less than patchSize/2 ({self.patch_size / 2:g})")
         _check_source_kinds(self.source, PREDICTION_SOURCES, Kind.PREDICTION)
+        if self.serving.gpus_per_replica > 0 and self.resources.gpus <= 0:
+            # KubeRay sizes the job's workers from resources: replicas asking for GPUs on
+            # GPU-less workers would never start.
+            raise ValueError(
+                "resources.gpus: serving.gpusPerReplica needs GPU workers; set resources.gpus (e.g. 1)"
+            )
         return self
 
 
