@@ -262,3 +262,73 @@ def test_pmtiles_without_the_extra_is_a_clear_error(tmp_path: Path, monkeypatch:
     with pytest.raises(UserError, match=r"spec.output.pmtiles: needs the optional packages .*rasterkube\[pmtiles\]"):
         run_job(request(src, str(tmp_path / "f.parquet"), features=["a"], output={"pmtiles": True}))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.zarr"]
+
+
+def test_integer_store_fill_value_is_nodata(tmp_path: Path, small_blocks: None) -> None:
+    """uint8 scores with 255 as fill value, part of the store never written (reads as fill):
+    none of it is foreground, and the statistics never see it."""
+    from rasterkube import storage
+    from rasterkube.grid import Window
+
+    rng = np.random.default_rng(11)
+    h, w = 48, 40
+    field = ndimage.gaussian_filter(rng.normal(size=(h, w)), 2.5)
+    scores = np.clip((field - field.min()) / np.ptp(field) * 254, 0, 254).astype(np.uint8)
+    scores[rng.random((h, w)) < 0.02] = 255  # scattered nodata in the written part
+    uri = str(tmp_path / "src.zarr")
+    tmp = storage.temporary_uri(uri)
+    geozarr.create(tmp, grid(h, w), np.array(["2020-01-01"], dtype="datetime64[s]"), ["p"], dtype="uint8",
+                   chunk_size=8, fill_value=255)  # fmt: skip
+    geozarr.write_region(tmp, "variables", Window(0, 32, 0, w), scores[None, None, :32])  # rows 32+ stay unwritten
+    geozarr.finalize(tmp)
+    storage.commit(tmp, uri)
+    assert service.nodata_value(uri) == 255.0
+    out = str(tmp_path / "f.parquet")
+    result = run_job(request(uri, out, features=["p"], threshold=170, output={"crs": UTM33}))
+    gdf = gpd.read_parquet(out)
+    expected = np.where(np.arange(h)[:, None] < 32, scores, 255).astype(np.uint8)
+    want = P.polygonize(expected, 170, 4, grid(h, w).transform, nodata=255)
+    assert result.summary["feature_count"] == len(gdf) == len(want) > 3
+    assert gdf["score_max"].max() < 255 and gdf["pixel_count"].sum() == ((expected > 170) & (expected != 255)).sum()
+    assert gdf.total_bounds[1] > grid(h, w).bbox[1] + 16 * 10 - 1e-6  # nothing in the unwritten rows
+
+
+@pytest.mark.parametrize(
+    ("dtype", "threshold", "message"),
+    [("uint8", 255, r"spec.threshold: 255 is not below the largest uint8 value \(255\)"),
+     ("int16", 1e6, "spec.threshold: 1e\\+06 is not below the largest int16 value"),
+     ("float32", float("inf"), "spec.threshold: inf is not below the largest float32 value"),
+     ("float32", float("nan"), "spec.threshold: must be a number, not NaN")],
+)  # fmt: skip
+def test_threshold_no_value_can_exceed_is_an_error(tmp_path: Path, dtype: str, threshold: float, message: str) -> None:
+    src = write_store(str(tmp_path / "src.zarr"), np.ones((1, 1, 16, 16), dtype=dtype), chunk=8, bands=["a"])
+    with pytest.raises(UserError, match=message):
+        run_job(request(src, str(tmp_path / "f.parquet"), features=["a"], threshold=threshold))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.zarr"]
+
+
+def test_threshold_above_the_data_is_an_honest_empty_result(tmp_path: Path) -> None:
+    data = blob_series(1, 20, 20)
+    src = write_store(str(tmp_path / "src.zarr"), data, chunk=8, bands=["a", "b"])
+    result = run_job(request(src, str(tmp_path / "f.parquet"), features=["a", "b"], threshold=50.0))
+    assert result.summary["feature_count"] == 0
+    top = np.nanmax(data[0, 0])
+    assert result.summary["note"].startswith("0 features; 'a': no pixel above the threshold 50 (largest value")
+    assert f"{top:g}" in result.summary["note"]
+    result = run_job(request(src, str(tmp_path / "g.parquet"), features=["a"], threshold=0.0, minArea=1e9))
+    assert result.summary["feature_count"] == 0 and "smaller than minArea" in result.summary["note"]
+
+
+def test_simplified_polygons_do_not_overlap(tmp_path: Path, small_blocks: None) -> None:
+    rng = np.random.default_rng(12)
+    field = ndimage.gaussian_filter(rng.normal(size=(1, 1, 96, 96)), (0, 0, 2.5, 2.5)) + rng.normal(
+        scale=0.15, size=(1, 1, 96, 96))  # fmt: skip
+    src = write_store(str(tmp_path / "src.zarr"), (field / field.std()).astype(np.float32), chunk=8, bands=["a"])
+    out = str(tmp_path / "f.parquet")
+    run_job(request(src, out, features=["a"], threshold=0.3, simplifyTolerance=20.0, output={"crs": UTM33}))
+    geoms = gpd.read_parquet(out).geometry.values
+    a, b = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    keep = a < b
+    assert keep.sum() > 10  # diagonal neighbours still touch…
+    assert (shapely.area(shapely.intersection(geoms[a[keep]], geoms[b[keep]])) < 1e-6).all()  # …and never overlap
+    assert shapely.is_valid(geoms).all()

@@ -176,3 +176,87 @@ def test_centerline_of_a_bar_is_its_middle() -> None:
     assert line.geom_type == "LineString" and line.length > 25
     y = shapely.get_coordinates(line)[:, 1]
     assert np.median(y) == 4.5 and np.abs(y - 4.5).max() <= 1  # the middle row (skimage thins ends a little)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_nodata_is_background_and_outside_the_statistics(connectivity: int) -> None:
+    """An integer band has no NaN: its fill value marks missing pixels, and a fill value above
+    the threshold (uint8 255, int16 32767, or 0 under a negative threshold) must not become
+    foreground."""
+    rng = np.random.default_rng(7)
+    field = blobs(60, 70, seed=7)
+    values = np.round(np.nan_to_num(field) * 100).astype(np.int16)
+    nodata = 32767
+    values[10:30, 5:50] = nodata  # a missing strip across many blocks
+    values[rng.random(values.shape) < 0.02] = nodata
+    got = P.polygonize(values, 30, connectivity, TRANSFORM, block_shape=(11, 13), nodata=nodata)
+    want = reference(np.where(values == nodata, 0, values).astype(np.float32), 30, connectivity)
+    assert len(got) == len(want) > 10
+    assert wkb_set(got.geometry) == wkb_set(want)
+    assert got.moments.vmax.max() < nodata
+    assert got.moments.count.sum() == ((values > 30) & (values != nodata)).sum()
+    # without the nodata value the fill pixels would be foreground (the bug this guards against)
+    unmasked = P.polygonize(values, 30, connectivity, TRANSFORM, block_shape=(11, 13))
+    assert unmasked.moments.vmax.max() == nodata and len(unmasked) != len(got)
+
+
+def test_drop_collinear_equals_douglas_peucker_at_zero() -> None:
+    values = blobs(80, 90, seed=8)
+    pieces = P.Components.concat([
+        P.polygonize_block(values[y0:y0 + 16, x0:x0 + 16], 0.3, 8, (y0, y0 + 16, x0, x0 + 16), values.shape,
+                           TRANSFORM).pieces for y0 in range(0, 80, 16) for x0 in range(0, 90, 16)
+    ]).geometry  # fmt: skip
+    unions = np.array([shapely.union_all(pieces[i:i + 5]) for i in range(0, len(pieces), 5)], dtype=object)
+    assert {g.geom_type for g in unions} == {"Polygon", "MultiPolygon"}
+    mine = shapely.normalize(P.drop_collinear(unions))
+    dp = shapely.normalize(shapely.simplify(unions, 0.0, preserve_topology=True))
+    assert (shapely.to_wkb(mine) == shapely.to_wkb(dp)).all()
+    assert shapely.get_num_coordinates(mine).sum() < shapely.get_num_coordinates(unions).sum()
+
+
+@pytest.mark.parametrize("tolerance", [10.0, 20.0, 40.0])
+def test_simplify_keeps_neighbours_apart(tolerance: float) -> None:
+    """4-connected components touch diagonally; simplifying them one by one made them overlap."""
+    values = blobs(200, 200, seed=1)
+    comps = P.polygonize(values, 0.3, 4, TRANSFORM, block_shape=(64, 64))
+    out = P.finish(comps, P.Finish(UTM, UTM, simplify_tolerance=tolerance)).geometry
+
+    def pairs(geoms: np.ndarray) -> tuple[int, int]:
+        a, b = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+        keep = a < b
+        return int((shapely.area(shapely.intersection(geoms[a[keep]], geoms[b[keep]])) > 1e-6).sum()), int(keep.sum())
+
+    overlapping, touching = pairs(out)
+    assert overlapping == 0 and touching == pairs(comps.geometry)[1] > 50  # still touching, never overlapping
+    assert shapely.is_valid(out).all()
+    assert shapely.get_num_coordinates(out).sum() < 0.6 * shapely.get_num_coordinates(comps.geometry).sum()
+
+
+def test_rows_are_the_features_as_wkb_and_bounds() -> None:
+    values = blobs(40, 40, seed=9)
+    features = P.finish(P.polygonize(values, 0.3, 4, TRANSFORM, block_shape=(8, 8), centerlines=True),
+                        P.Finish(UTM, "EPSG:4326"))  # fmt: skip
+    rows = P.Rows.of(features)
+    assert len(rows) == len(features) > 5
+    assert (shapely.to_wkb(shapely.from_wkb(rows.wkb)) == shapely.to_wkb(features.geometry)).all()
+    np.testing.assert_array_equal(rows.bbox, shapely.bounds(features.geometry))
+    assert set(rows.type_id.tolist()) <= {3, 6}
+    assert (rows.centerline_type_id[shapely.is_missing(features.centerline)] == -1).all()
+    both = P.Rows.concat([rows, P.Rows.of(P.Features.concat([])), rows])
+    assert len(both) == 2 * len(rows) and both.bbox.shape == (2 * len(rows), 4)
+
+
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_merging_split_groups_equals_merging_all(k: int) -> None:
+    values = blobs(90, 100, seed=10)
+    blocks = [(y0, min(y0 + 12, 90), x0, min(x0 + 15, 100)) for y0 in range(0, 90, 12) for x0 in range(0, 100, 15)]
+    results = [P.polygonize_block(values[y0:y1, x0:x1], 0.3, 8, (y0, y1, x0, x1), values.shape, TRANSFORM)
+               for y0, y1, x0, x1 in blocks]  # fmt: skip
+    groups = P.group_pieces(results, blocks, 8)
+    whole = P.merge_groups(groups, TRANSFORM)
+    parts = groups.split(k)
+    assert 1 < len(parts) <= k and sum(p.n_groups for p in parts) == groups.n_groups
+    split = P.Components.concat([P.merge_groups(p, TRANSFORM) for p in parts])
+    assert (shapely.to_wkb(split.geometry) == shapely.to_wkb(whole.geometry)).all()
+    np.testing.assert_array_equal(split.moments.count, whole.moments.count)
+    np.testing.assert_array_equal(split.moments.m2, whole.moments.m2)

@@ -19,13 +19,15 @@ flat in the AOI size). Per block (:func:`polygonize_block`):
    coordinates together with the label strips of the four block edges. Components away from
    internal edges are final and are finished in the task (the parallel part of the work).
 
-On the driver (:func:`merge_pieces`):
+Then (:func:`merge_pieces`):
 
-5. Adjacent foreground pixels across every seam (side by side for 4-connectivity; plus the
-   two diagonals and the block corners for 8) give edges between pieces; the connected
-   components of that graph (``scipy.sparse.csgraph.connected_components``, the library's
-   union-find) are the whole-raster components.
-6. The geometry of a merged component is the union of its pieces. This is exact: the pieces
+5. On the driver (:func:`group_pieces`): adjacent foreground pixels across every seam (side
+   by side for 4-connectivity; plus the two diagonals and the block corners for 8) give
+   edges between pieces; the connected components of that graph
+   (``scipy.sparse.csgraph.connected_components``, the library's union-find) are the
+   whole-raster components.
+6. In parallel tasks over runs of whole groups (:meth:`Groups.split`, :func:`merge_groups`):
+   the geometry of a merged component is the union of its pieces. This is exact: the pieces
    are valid polygons with integer coordinates and axis-parallel edges, so every node the
    overlay computes is an existing lattice point (no rounding), and the union is the point
    set of the component's pixels — holes included, since a hole is simply area no piece
@@ -51,16 +53,26 @@ Hand-written where a library does it: the seam matching (:func:`seam_pairs`; the
 itself is scipy's), the affine mapping (:func:`pixel_to_world`, instead of
 ``shapely.affinity.affine_transform``, to reproduce GDAL's float arithmetic exactly), the
 GeoJSON → shapely conversion (:func:`polygonize_labels`, vectorized), Chan's moment
-update (:func:`combine_moments`) and the skeleton tracing (:func:`skeleton_lines`).
+update (:func:`combine_moments`), the skeleton tracing (:func:`skeleton_lines`) and the
+removal of collinear seam vertices (:func:`drop_collinear`: for axis-parallel rings a
+vertex test on coordinate arrays, 3× faster than GEOS's simplify at tolerance 0 with the
+same result).
 
-Simplification is per polygon (``preserve_topology``: its rings never collapse or cross); it
-is not a coverage simplification, which would need all polygons at once and so could not run
-blockwise — distinct components share at most a corner point, so neighbours can overlap only
-by what the tolerance allows.
+Simplification (:func:`simplify`) is a coverage simplification of all polygons of one band
+and time step together (GEOS's topology-preserving Visvalingam–Whyatt): distinct components
+share no edge, but they can touch at a corner (4-connectivity) or nest (an island in a hole),
+and simplifying them one by one let neighbours overlap. It runs on the driver after the merge,
+so it needs every polygon at once (memory of the output, which the driver holds anyway); it
+is off by default. Collinear vertices on the merged seams are removed without it
+(:func:`drop_collinear`), so the unsimplified output is GDAL's own.
+
+Nodata: NaN and the store's fill value (``nodata``; an integer band has no NaN) are
+background, never foreground, and no statistic sees them.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -83,10 +95,14 @@ Geoms = NDArray[np.object_]
 # ----------------------------------------------------------------------------- per-pixel steps
 
 
-def foreground(values: NDArray[np.floating], threshold: float) -> NDArray[np.bool_]:
-    """Pixels strictly above the threshold; NaN is background (``NaN > t`` is False)."""
+def foreground(values: NDArray[np.number], threshold: float, nodata: float | None = None) -> NDArray[np.bool_]:
+    """Pixels strictly above the threshold; NaN is background (``NaN > t`` is False), and so is
+    ``nodata`` (the store's fill value: an integer band has no NaN to mark missing pixels)."""
     with np.errstate(invalid="ignore"):
-        return np.asarray(values > threshold)
+        fg = np.asarray(values > threshold)
+    if nodata is not None and not np.isnan(nodata) and fg.any():
+        fg &= values != nodata
+    return fg
 
 
 def label_components(mask: NDArray[np.bool_], connectivity: int) -> tuple[NDArray[np.int32], int]:
@@ -129,11 +145,14 @@ class Moments:
         return cls(np.zeros(0, np.int64), *(np.zeros(0) for _ in range(4)))
 
 
-def component_moments(values: NDArray[np.floating], labels: NDArray[np.int32], n: int) -> Moments:
-    """Moments of ``values`` over each component 1..n, two-pass (mean first, then M2)."""
+def component_moments(values: NDArray[np.number], labels: NDArray[np.int32], n: int,
+                      fg: NDArray[np.bool_] | None = None) -> Moments:  # fmt: skip
+    """Moments of ``values`` over each component 1..n, two-pass (mean first, then M2);
+    ``fg``: ``labels > 0`` when the caller has it."""
     if n == 0:
         return Moments.empty()
-    fg = labels > 0
+    if fg is None:
+        fg = labels > 0
     lab = labels[fg] - 1
     v = values[fg].astype(np.float64)
     count = np.bincount(lab, minlength=n).astype(np.int64)
@@ -165,31 +184,34 @@ def combine_moments(m: Moments, group: NDArray[np.intp], n_groups: int) -> Momen
 # ---------------------------------------------------------------------------------- geometry
 
 
-def polygonize_labels(labels: NDArray[np.int32], n: int, connectivity: int, origin: tuple[int, int] = (0, 0)) -> Geoms:
+def polygonize_labels(labels: NDArray[np.int32], n: int, connectivity: int, origin: tuple[int, int] = (0, 0),
+                      mask: NDArray[np.bool_] | None = None) -> Geoms:  # fmt: skip
     """One polygon per component (index i ↔ label i+1), in pixel coordinates of the whole
-    raster (``origin`` = (row, col) of the block), i.e. on the integer lattice.
+    raster (``origin`` = (row, col) of the block), i.e. on the integer lattice; ``mask``:
+    ``labels > 0`` when the caller has it.
 
     ``rasterio.features.shapes`` (GDAL's polygonizer) traces the rings; the GeoJSON it yields
     is turned into shapely polygons in one vectorized call (what ``shapely.geometry.shape``
-    does one polygon at a time, 3× slower — as slow as the tracing itself)."""
+    does one polygon at a time, 3× slower — as slow as the tracing itself). The coordinate
+    tuples are flattened with ``np.fromiter`` over a chained iterator, 2.5× faster than
+    ``np.asarray`` on the list of tuples."""
     geoms = np.empty(n, dtype=object)
     if n == 0:
         return geoms
     transform = Affine.translation(origin[1], origin[0])
-    coords: list[tuple[float, float]] = []
-    ring_sizes: list[int] = []
-    rings_per_polygon: list[int] = []
     values: list[float] = []
-    for geojson, value in rasterio.features.shapes(labels, mask=labels > 0, connectivity=connectivity,
-                                                   transform=transform):  # fmt: skip
-        rings = geojson["coordinates"]
+    rings_per_polygon: list[int] = []
+    rings: list[list[tuple[float, float]]] = []
+    for geojson, value in rasterio.features.shapes(labels, mask=labels > 0 if mask is None else mask,
+                                                   connectivity=connectivity, transform=transform):  # fmt: skip
+        polygon_rings = geojson["coordinates"]
         values.append(value)
-        rings_per_polygon.append(len(rings))
-        for ring in rings:
-            coords.extend(ring)
-            ring_sizes.append(len(ring))
-    rings_arr = shapely.linearrings(np.asarray(coords, dtype=np.float64),
-                                    indices=np.repeat(np.arange(len(ring_sizes)), ring_sizes))  # fmt: skip
+        rings_per_polygon.append(len(polygon_rings))
+        rings.extend(polygon_rings)
+    ring_sizes = np.fromiter(map(len, rings), dtype=np.intp, count=len(rings))
+    flat = itertools.chain.from_iterable(itertools.chain.from_iterable(rings))
+    coords = np.fromiter(flat, dtype=np.float64, count=2 * int(ring_sizes.sum())).reshape(-1, 2)
+    rings_arr = shapely.linearrings(coords, indices=np.repeat(np.arange(len(ring_sizes)), ring_sizes))
     # With indices, the first ring of each polygon is its shell and the others its holes.
     polys = shapely.polygons(rings_arr, indices=np.repeat(np.arange(len(values)), rings_per_polygon))
     geoms[np.asarray(values, dtype=np.int64) - 1] = polys
@@ -206,8 +228,56 @@ def make_valid(geoms: Geoms) -> Geoms:
 
 
 def drop_collinear(geoms: Geoms) -> Geoms:
-    """Remove collinear vertices (Douglas–Peucker with tolerance 0 removes exactly those)."""
-    return shapely.simplify(geoms, 0.0, preserve_topology=True)
+    """Remove collinear vertices from (Multi)Polygons whose edges are all axis-parallel (the
+    lattice polygons of :func:`merge_pieces`): a vertex is collinear exactly when it shares its
+    x, or its y, with both ring neighbours. Vectorized over all rings (3–5× faster than the
+    Douglas–Peucker ``shapely.simplify(g, 0)`` it replaces, which walks every ring in GEOS's
+    topology-preserving simplifier); ring starts are treated like any other vertex. Rings
+    keep their order and orientation; other geometry types go through ``shapely.simplify``."""
+    geoms = np.asarray(geoms, dtype=object)
+    out = geoms.copy()
+    types = shapely.get_type_id(geoms)
+    is_polygonal = np.isin(types, (3, 6)) & ~shapely.is_empty(geoms)  # Polygon, MultiPolygon
+    polygonal = np.flatnonzero(is_polygonal)
+    other = np.flatnonzero(~is_polygonal & (types >= 0))
+    if len(other):
+        out[other] = shapely.simplify(geoms[other], 0.0, preserve_topology=True)
+    if not len(polygonal):
+        return out
+    parts, part_of = shapely.get_parts(geoms[polygonal], return_index=True)
+    rings, ring_of = shapely.get_rings(parts, return_index=True)  # shell first, then holes
+    xy, vertex_of = shapely.get_coordinates(rings, return_index=True)
+    # Rings are closed: drop each closing vertex, look at cyclic neighbours, close again.
+    last = np.r_[vertex_of[1:] != vertex_of[:-1], True]
+    xy, vertex_of = xy[~last], vertex_of[~last]
+    starts = np.r_[0, np.flatnonzero(np.diff(vertex_of)) + 1]
+    sizes = np.diff(np.r_[starts, len(xy)])
+    idx = np.arange(len(xy))
+    first = np.repeat(starts, sizes)
+    prev = np.where(idx == first, idx + np.repeat(sizes, sizes) - 1, idx - 1)
+    nxt = np.where(idx == first + np.repeat(sizes, sizes) - 1, first, idx + 1)
+    collinear = ((xy[prev, 0] == xy[:, 0]) & (xy[:, 0] == xy[nxt, 0])) | (
+        (xy[prev, 1] == xy[:, 1]) & (xy[:, 1] == xy[nxt, 1])
+    )
+    keep = ~collinear
+    xy, vertex_of = xy[keep], vertex_of[keep]
+    # close every ring again: repeat its first remaining vertex at its end
+    starts = np.r_[0, np.flatnonzero(np.diff(vertex_of)) + 1]
+    ends = np.r_[starts[1:], len(xy)]
+    closed = np.insert(xy, ends, xy[starts], axis=0)
+    closed_of = np.insert(vertex_of, ends, vertex_of[starts])
+    new_rings = shapely.linearrings(closed, indices=closed_of)
+    new_parts = shapely.polygons(new_rings, indices=ring_of)
+    multi = types[polygonal] == 6
+    result = np.empty(len(polygonal), dtype=object)
+    single = np.flatnonzero(~multi)
+    result[single] = new_parts[np.searchsorted(part_of, single)]
+    if multi.any():
+        many = np.flatnonzero(multi)
+        sel = np.isin(part_of, many)
+        result[many] = shapely.multipolygons(new_parts[sel], indices=np.searchsorted(many, part_of[sel]))
+    out[polygonal] = result
+    return out
 
 
 def pixel_to_world(geoms: Geoms, transform: Transform) -> Geoms:
@@ -312,16 +382,18 @@ def internal_edge_labels(edges: Edges, block: tuple[int, int, int, int], shape: 
     return found[found > 0].astype(np.int32)
 
 
-def polygonize_block(values: NDArray[np.floating], threshold: float, connectivity: int,
+def polygonize_block(values: NDArray[np.number], threshold: float, connectivity: int,
                      block: tuple[int, int, int, int], shape: tuple[int, int],
-                     transform: Transform, centerlines: bool = False) -> BlockPieces:  # fmt: skip
-    """Polygonize one block (``values`` = the raster's ``[y0:y1, x0:x1]``) of a raster of ``shape``.
+                     transform: Transform, centerlines: bool = False, nodata: float | None = None) -> BlockPieces:  # fmt: skip
+    """Polygonize one block (``values`` = the raster's ``[y0:y1, x0:x1]``) of a raster of ``shape``;
+    pixels equal to ``nodata`` (and NaN) are background.
 
     With ``centerlines``, the finished components get their centre lines (the pieces get
     theirs once merged, in :func:`merge_pieces`)."""
-    labels, n = label_components(foreground(values, threshold), connectivity)
-    moments = component_moments(values, labels, n)
-    geoms = polygonize_labels(labels, n, connectivity, origin=(block[0], block[2]))
+    fg = foreground(values, threshold, nodata)
+    labels, n = label_components(fg, connectivity)
+    moments = component_moments(values, labels, n, fg)
+    geoms = polygonize_labels(labels, n, connectivity, origin=(block[0], block[2]), mask=fg)
     edges = Edges.of(labels)
     on_edge = internal_edge_labels(edges, block, shape)
     is_piece = np.zeros(n, dtype=bool)
@@ -431,10 +503,10 @@ class _Node:
         return self.offset + np.searchsorted(self.labels, labels)
 
 
-def merge_pieces(results: Sequence[BlockPieces], blocks: Sequence[tuple[int, int, int, int]], connectivity: int,
-                 transform: Transform, centerlines: bool = False) -> Components:  # fmt: skip
-    """The components made of pieces (one or more), canonical, in CRS coordinates; the blocks'
-    ``final`` components are not included.
+def group_pieces(results: Sequence[BlockPieces], blocks: Sequence[tuple[int, int, int, int]],
+                 connectivity: int) -> Groups:  # fmt: skip
+    """The pieces of all blocks (in the order of ``results``) and the whole-raster component
+    each belongs to: the seam graph's connected components.
 
     ``blocks`` are (y0, y1, x0, x1) windows tiling the raster on a regular grid (as
     :func:`rasterkube.runtime.blocks.plan_blocks` makes them), in the order of ``results``."""
@@ -443,8 +515,9 @@ def merge_pieces(results: Sequence[BlockPieces], blocks: Sequence[tuple[int, int
     for r in results:
         nodes.append(_Node(offset, r.piece_labels))
         offset += len(r.piece_labels)
+    pieces = Components.concat([r.pieces for r in results])
     if offset == 0:
-        return Components.concat([])
+        return Groups(pieces, np.zeros(0, np.intp), 0)
     rows = {y0: i for i, y0 in enumerate(sorted({b[0] for b in blocks}))}
     cols = {x0: j for j, x0 in enumerate(sorted({b[2] for b in blocks}))}
     at = {(rows[b[0]], cols[b[2]]): k for k, b in enumerate(blocks)}
@@ -472,7 +545,39 @@ def merge_pieces(results: Sequence[BlockPieces], blocks: Sequence[tuple[int, int
     s, d = np.concatenate(src), np.concatenate(dst)
     graph = sparse.coo_matrix((np.ones(len(s), np.int8), (s, d)), shape=(offset, offset))
     n_groups, group = connected_components(graph, directed=False)
-    pieces = Components.concat([r.pieces for r in results])
+    return Groups(pieces, group.astype(np.intp), int(n_groups))
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Pieces (pixel coordinates) and the merged component ``group[i]`` of piece i, 0..n-1."""
+
+    pieces: Components
+    group: NDArray[np.intp]
+    n_groups: int
+
+    def split(self, k: int) -> list[Groups]:
+        """At most ``k`` parts, each a run of whole groups with about the same number of
+        vertices (the union's cost), group ids renumbered from 0; merged in order and
+        concatenated they give :func:`merge_groups` of the whole."""
+        if k <= 1 or self.n_groups <= 1:
+            return [self]
+        cost = np.bincount(self.group, weights=shapely.get_num_coordinates(self.pieces.geometry), minlength=self.n_groups)
+        cum = np.cumsum(cost)
+        cuts = np.unique(np.searchsorted(cum, cum[-1] * np.arange(1, k) / k, side="right"))
+        edges = [0, *(int(c) for c in cuts if 0 < c < self.n_groups), self.n_groups]
+        parts = []
+        for g0, g1 in itertools.pairwise(edges):
+            idx = np.flatnonzero((self.group >= g0) & (self.group < g1))
+            parts.append(Groups(self.pieces.take(idx), self.group[idx] - g0, g1 - g0))
+        return parts
+
+
+def merge_groups(groups: Groups, transform: Transform, centerlines: bool = False) -> Components:
+    """One canonical component (CRS coordinates) per group: the union of its pieces."""
+    n_groups, group, pieces = groups.n_groups, groups.group, groups.pieces
+    if n_groups == 0:
+        return Components.concat([])
     order = np.argsort(group, kind="stable")
     bounds = np.flatnonzero(np.diff(group[order])) + 1
     merged = np.empty(n_groups, dtype=object)
@@ -491,14 +596,23 @@ def merge_pieces(results: Sequence[BlockPieces], blocks: Sequence[tuple[int, int
     return Components(canonical(merged, transform, checked=True), moments, lines)
 
 
-def polygonize(values: NDArray[np.floating], threshold: float, connectivity: int, transform: Transform,
-               block_shape: tuple[int, int] | None = None, centerlines: bool = False) -> Components:  # fmt: skip
+def merge_pieces(results: Sequence[BlockPieces], blocks: Sequence[tuple[int, int, int, int]], connectivity: int,
+                 transform: Transform, centerlines: bool = False) -> Components:  # fmt: skip
+    """The components made of pieces (one or more), canonical, in CRS coordinates; the blocks'
+    ``final`` components are not included. :func:`group_pieces` then :func:`merge_groups`
+    (which the job runs in parallel on parts of the groups, :meth:`Groups.split`)."""
+    return merge_groups(group_pieces(results, blocks, connectivity), transform, centerlines)
+
+
+def polygonize(values: NDArray[np.number], threshold: float, connectivity: int, transform: Transform,
+               block_shape: tuple[int, int] | None = None, centerlines: bool = False,
+               nodata: float | None = None) -> Components:  # fmt: skip
     """Whole-raster convenience (tests, small rasters): blocks of ``block_shape`` then merge."""
     h, w = values.shape
     by, bx = block_shape or (h, w)
     blocks = [(y0, min(y0 + by, h), x0, min(x0 + bx, w)) for y0 in range(0, h, by) for x0 in range(0, w, bx)]
     results = [polygonize_block(values[y0:y1, x0:x1], threshold, connectivity, (y0, y1, x0, x1), (h, w), transform,
-                                centerlines) for y0, y1, x0, x1 in blocks]  # fmt: skip
+                                centerlines, nodata) for y0, y1, x0, x1 in blocks]  # fmt: skip
     merged = merge_pieces(results, blocks, connectivity, transform, centerlines)
     return Components.concat([*(r.final for r in results), merged])
 
@@ -559,9 +673,53 @@ def _unpack_features(wkb: NDArray[np.object_], moments: Moments, area: NDArray[n
     return Features(_unpack(wkb), moments, area, _unpack(lines))
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Finished features as Arrow-ready columns: what block tasks send the driver instead of
+    geometry objects, so the driver neither decodes nor re-encodes them (it concatenates,
+    sorts and writes). ``wkb``: ISO WKB of the polygons (``bytes``), ``bbox``: their (n, 4)
+    xmin, ymin, xmax, ymax (the GeoParquet covering column and the Hilbert sort key),
+    ``type_id``: shapely geometry type ids (the GeoParquet ``geometry_types``);
+    ``centerline``/``centerline_type_id`` the same for the centre lines (None / -1 where
+    absent)."""
+
+    wkb: NDArray[np.object_]
+    bbox: NDArray[np.float64]
+    type_id: NDArray[np.int8]
+    moments: Moments
+    area_m2: NDArray[np.float64]
+    centerline: NDArray[np.object_]
+    centerline_type_id: NDArray[np.int8]
+
+    def __len__(self) -> int:
+        return len(self.wkb)
+
+    @classmethod
+    def of(cls, f: Features) -> Rows:
+        n = len(f)
+        if n == 0:
+            return cls.concat([])
+        return cls(shapely.to_wkb(f.geometry, flavor="iso"), np.asarray(shapely.bounds(f.geometry), np.float64),
+                   shapely.get_type_id(f.geometry).astype(np.int8), f.moments, f.area_m2,
+                   shapely.to_wkb(f.centerline, flavor="iso"), shapely.get_type_id(f.centerline).astype(np.int8))  # fmt: skip
+
+    @classmethod
+    def concat(cls, parts: Sequence[Rows]) -> Rows:
+        def cat(name: str, empty: NDArray[Any]) -> NDArray[Any]:
+            arrays = [getattr(p, name) for p in parts]
+            return np.concatenate(arrays) if arrays else empty
+
+        return cls(cat("wkb", _nones(0)), cat("bbox", np.zeros((0, 4))), cat("type_id", np.zeros(0, np.int8)),
+                   Moments.concat([p.moments for p in parts]), cat("area_m2", np.zeros(0)), cat("centerline", _nones(0)),
+                   cat("centerline_type_id", np.zeros(0, np.int8)))  # fmt: skip
+
+
 def finish(c: Components, f: Finish) -> Features:
     """Simplify (in the grid's CRS), measure area in m² (of the output shape), drop polygons
-    under ``min_area``, reproject to the output CRS."""
+    under ``min_area``, reproject to the output CRS.
+
+    The simplification is topology-preserving *across* polygons (:func:`simplify`), so it
+    must see every polygon of one band and time step in one call."""
     geoms = simplify(c.geometry, f.simplify_tolerance)
     area = area_m2(geoms, f.src_crs) if len(geoms) else np.zeros(0)
     keep = np.flatnonzero(area >= f.min_area) if f.min_area > 0 else np.arange(len(geoms))
@@ -605,7 +763,14 @@ def reproject(geoms: Geoms, src: str, dst: str) -> Geoms:
 
 
 def simplify(geoms: Geoms, tolerance: float) -> Geoms:
-    """Topology-preserving simplification (rings never collapse or cross), then valid again."""
-    if tolerance <= 0:
+    """Topology-preserving simplification of a set of polygons: GEOS's coverage simplifier
+    (``shapely.coverage_simplify``, Visvalingam–Whyatt with ``tolerance`` ≈ the square root
+    of the triangle areas removed), which moves no edge across any other edge of the set — so
+    rings never collapse or cross, neighbours that touched at a corner still touch there and
+    never overlap, and islands stay inside their holes. (Per-polygon Douglas–Peucker, which
+    this replaced, keeps each polygon valid but not its neighbours apart: on rough 4-connected
+    fields tolerances of 1–4 pixels made 3–66 overlapping pairs out of 400 touching ones.)
+    Then valid again (a no-op check in practice)."""
+    if tolerance <= 0 or not len(geoms):
         return geoms
-    return make_valid(shapely.simplify(geoms, tolerance, preserve_topology=True))
+    return make_valid(shapely.coverage_simplify(np.asarray(geoms, dtype=object), tolerance))

@@ -9,10 +9,25 @@ geometries), one row per polygon per feature band and time step (columns ``label
 ``centerline``), written to a hidden sibling and committed at the end — never a partial file
 at the output URI. With ``output.pmtiles`` a PMTiles archive of the same features sits next
 to it (:func:`pmtiles_uri`), committed the same way.
+
+Work split (for throughput on few cores): block tasks read, threshold, label, polygonize,
+finish (area, reprojection) and encode their interior polygons as Arrow-ready columns (WKB,
+bounding boxes: :class:`~rasterkube.vectorize.polygons.Rows`), so the driver never decodes
+them; the driver builds the seam graph of the edge pieces, tasks union the merged components,
+and the driver concatenates, Hilbert-sorts on the boxes and writes the Parquet file with
+pyarrow (the GeoParquet metadata written here, :func:`geo_metadata`). Only a
+``simplifyTolerance`` brings all polygons of a band to the driver as geometries, because the
+topology-preserving simplification must see them together.
+
+Nodata: NaN and the store's fill value (:func:`nodata_value`) are never foreground. A
+threshold no value of the band's dtype can exceed is an error before anything runs; one
+above all the values the band holds gives an honest empty GeoParquet (with the schema), and
+the summary says why (``note``: the largest value, no valid pixel, or all under ``minArea``).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -25,7 +40,7 @@ from rasterkube.errors import UserError
 from rasterkube.grid import Window
 from rasterkube.jobs.context import JobContext, JobRequest, JobResult
 from rasterkube.runtime.blocks import plan_blocks
-from rasterkube.runtime.executor import run_blocks
+from rasterkube.runtime.executor import default_in_flight, run_blocks
 from rasterkube.runtime.progress import Reporter, ScaledReporter
 from rasterkube.vectorize import polygons as P
 
@@ -50,31 +65,58 @@ class BlockParams:
     connectivity: int
     finish: P.Finish
     centerlines: bool = False
+    nodata: float | None = None
 
 
 @dataclass(frozen=True)
 class BlockOutput:
-    """Per (time, feature): the finished interior polygons and the edge pieces to merge."""
+    """Per (time, feature): the finished interior polygons, the edge pieces to merge, and the
+    block's largest valid value where it had no foreground (None where it had some; NaN when
+    it had no valid pixel) — for the summary of an empty result.
 
-    final: list[list[P.Features]]
+    ``final`` is Arrow-ready :class:`~rasterkube.vectorize.polygons.Rows` (finished in the
+    task), or canonical Components when simplifying: the topology-preserving simplification
+    needs all polygons of a band at once, so the driver finishes them."""
+
+    final: list[list[P.Rows | P.Components]]
     pieces: list[list[P.BlockPieces]]
+    empty_max: list[list[float | None]]
 
 
 def vectorize_block(block: Window, p: BlockParams) -> BlockOutput:
     """Polygonize one block for every time step and feature band (a Ray task)."""
     x = geozarr.read_region(p.source_uri, DATA_VAR, block, p.band_indices)
     bounds = (block.y0, block.y1, block.x0, block.x1)
-    final: list[list[P.Features]] = []
+    final: list[list[P.Rows | P.Components]] = []
     pieces: list[list[P.BlockPieces]] = []
+    empty_max: list[list[float | None]] = []
     for t in range(x.shape[0]):
         final.append([])
         pieces.append([])
+        empty_max.append([])
         for f in range(x.shape[1]):
-            r = P.polygonize_block(x[t, f], p.threshold, p.connectivity, bounds, p.shape, p.transform, p.centerlines)
-            final[t].append(P.finish(r.final, p.finish))
+            v = x[t, f]
+            r = P.polygonize_block(v, p.threshold, p.connectivity, bounds, p.shape, p.transform, p.centerlines,
+                                   p.nodata)  # fmt: skip
+            final[t].append(r.final if p.finish.simplify_tolerance > 0 else P.Rows.of(P.finish(r.final, p.finish)))
             # Only the pieces travel back to the driver; the finished ones are already above.
             pieces[t].append(P.BlockPieces(P.Components.concat([]), r.pieces, r.piece_labels, r.edges))
-    return BlockOutput(final, pieces)
+            empty_max[t].append(None if len(r.final) or len(r.pieces) else valid_max(v, p.nodata))
+    return BlockOutput(final, pieces, empty_max)
+
+
+def merge_part(groups: P.Groups, p: BlockParams) -> P.Rows | P.Components:
+    """Merge a run of groups of pieces (a Ray task); finished like a block's own polygons."""
+    merged = P.merge_groups(groups, p.transform, p.centerlines)
+    return merged if p.finish.simplify_tolerance > 0 else P.Rows.of(P.finish(merged, p.finish))
+
+
+def valid_max(values: np.ndarray, nodata: float | None) -> float:
+    """Largest value that is neither NaN nor ``nodata``; NaN when there is none."""
+    valid = values[values != nodata] if nodata is not None and not np.isnan(nodata) else values.ravel()
+    if valid.dtype.kind == "f":
+        valid = valid[~np.isnan(valid)]
+    return float(valid.max()) if valid.size else float("nan")
 
 
 def preflight(resource: Vectorization, request: JobRequest) -> tuple[geozarr.StoreInfo, list[int]]:
@@ -95,7 +137,33 @@ def preflight(resource: Vectorization, request: JobRequest) -> tuple[geozarr.Sto
         raise exc.in_spec(resource.spec.source.field_path) from None
     if np.dtype(info.dtype).kind not in "fiu":
         raise UserError(f"spec.source: {source_uri} holds {info.dtype} values; vectorization needs numbers")
+    _check_threshold(spec.threshold, np.dtype(info.dtype))
     return info, band_idx
+
+
+def _check_threshold(threshold: float, dtype: np.dtype) -> None:
+    """A threshold no value of the band's type can exceed is an error (known without reading
+    a pixel, and always a mistake, e.g. 255 on uint8 data); one above the values the band
+    happens to hold is an honest empty result (the summary says the largest value)."""
+    if np.isnan(threshold):
+        raise UserError("spec.threshold: must be a number, not NaN")
+    top = np.iinfo(dtype).max if dtype.kind in "iu" else np.finfo(dtype).max
+    if threshold >= top:
+        raise UserError(f"spec.threshold: {threshold:g} is not below the largest {dtype} value ({top:g}), so no "
+                        "pixel can be above it; use a threshold within the band's range")  # fmt: skip
+
+
+def nodata_value(uri: str) -> float | None:
+    """The store's nodata: a ``_FillValue``/``nodata`` attribute of the data variable, else its
+    zarr ``fill_value`` (what unwritten chunks read as — geozarr stores use NaN for floats and
+    0 for integers); None when that is NaN (NaN is background anyway)."""
+    arr = geozarr.open_data_array(uri, DATA_VAR)
+    attrs = dict(arr.attrs)
+    value = attrs.get("_FillValue", attrs.get("nodata", arr.fill_value))
+    if value is None:
+        return None
+    value = float(value)
+    return None if np.isnan(value) else value
 
 
 def pmtiles_available() -> bool:
@@ -129,6 +197,7 @@ def run(resource: Vectorization, ctx: JobContext, reporter: Reporter) -> JobResu
         connectivity=spec.connectivity,
         finish=P.Finish(grid.crs, spec.output.crs, spec.simplify_tolerance, spec.min_area),
         centerlines=spec.medial_skeletonize,
+        nodata=nodata_value(request.source_uri),
     )
     multiplier = max(1, BLOCK_SIDE // max(info.chunks[2], info.chunks[3]))
     blocks = plan_blocks(grid.shape, info.chunks[2:], multiplier)
@@ -143,29 +212,65 @@ def run(resource: Vectorization, ctx: JobContext, reporter: Reporter) -> JobResu
     )
     reporter.progress(BLOCKS_PERCENT, "merging polygons across block edges")
     windows = [(b.y0, b.y1, b.x0, b.x1) for b in blocks]
-    tables = []
+    # The seam graph is cheap and needs every block: on the driver. The unions (and centre
+    # lines) of the merged components are the costly part: Ray tasks over runs of groups.
+    n_parts = max(1, default_in_flight() // 2)
+    keys: list[tuple[int, int]] = []
+    batches: list[P.Groups] = []
+    for t in range(len(info.times)):
+        for f in range(len(spec.features)):
+            groups = P.group_pieces([o.pieces[t][f] for o in outputs], windows, spec.connectivity)
+            for part in groups.split(n_parts) if groups.n_groups else []:
+                keys.append((t, f))
+                batches.append(part)
+    merged_parts = run_blocks(merge_part, batches, params, num_cpus=spec.resources.cpus,
+                              max_in_flight=ctx.max_in_flight,
+                              reporter=ScaledReporter(reporter, BLOCKS_PERCENT, 95.0),
+                              message="merging polygons across block edges")  # fmt: skip
+    parts: list[tuple[str, np.datetime64, P.Rows]] = []
     for t, time in enumerate(info.times):
         for f, label in enumerate(spec.features):
-            merged = P.merge_pieces([o.pieces[t][f] for o in outputs], windows, spec.connectivity, grid.transform,
-                                    spec.medial_skeletonize)  # fmt: skip
-            features = P.Features.concat([*(o.final[t][f] for o in outputs), P.finish(merged, params.finish)])
-            tables.append(feature_table(features, label, time, spec.stats))
-    gdf = to_geodataframe(tables, spec.output.crs, spec.stats, spec.medial_skeletonize)
-    reporter.progress(95.0, f"writing {len(gdf)} features")
-    result = summary(gdf, spec.features, info, blocks)
+            finals = [o.final[t][f] for o in outputs]
+            merged = [m for k, m in zip(keys, merged_parts, strict=True) if k == (t, f)]
+            if params.finish.simplify_tolerance > 0:  # all polygons of the band at once (see BlockOutput)
+                rows = P.Rows.of(P.finish(P.Components.concat([*finals, *merged]), params.finish))  # type: ignore[list-item]
+            else:
+                rows = P.Rows.concat([*finals, *merged])  # type: ignore[list-item]
+            parts.append((label, time, rows))
+    table = feature_table(parts, spec.output.crs, spec.stats, spec.medial_skeletonize)
+    reporter.progress(95.0, f"writing {table.num_rows} features")
+    result = summary(table, spec.features, info, blocks, spec.output.crs)
+    if not table.num_rows:
+        result["note"] = empty_note(outputs, spec.features, spec.threshold, spec.min_area)
     if spec.output.pmtiles:
         from rasterkube.vectorize import tiles
 
         size = pixel_size_m(grid.crs, grid.resolution[0])
         # Vector tiles carry one geometry: the polygons (the centre lines stay in the GeoParquet).
-        polygons = gdf.drop(columns=["centerline"]) if "centerline" in gdf.columns else gdf
+        polygons = to_geodataframe(table, spec.output.crs)
         uri = pmtiles_uri(request.output_uri)
         stats: dict[str, Any] = {}
         storage.commit_file(lambda path: stats.update(tiles.write_pmtiles(polygons, path, size)), uri, request.run_id)
         result["pmtiles"] = {"uri": uri, **stats}
-    write_geoparquet(gdf, request.output_uri, request.run_id)
-    reporter.progress(100.0, f"wrote {len(gdf)} features")
+    write_geoparquet(table, request.output_uri, request.run_id)
+    reporter.progress(100.0, f"wrote {table.num_rows} features")
     return JobResult(uri=request.output_uri, summary=result)
+
+
+def empty_note(outputs: list[BlockOutput], labels: list[str], threshold: float, min_area: float) -> str:
+    """Why a result is empty, per feature band: no valid pixel, no pixel above the threshold
+    (with the band's largest value), or every polygon under ``minArea``."""
+    notes = []
+    for f, label in enumerate(labels):
+        maxima = [o.empty_max[t][f] for o in outputs for t in range(len(o.empty_max))]
+        if any(m is None for m in maxima):
+            notes.append(f"{label!r}: every polygon above the threshold is smaller than minArea ({min_area:g} m²)")
+        elif all(np.isnan(m) for m in maxima):  # type: ignore[arg-type]
+            notes.append(f"{label!r}: no valid pixel (all NaN or nodata)")
+        else:
+            top = np.nanmax(np.asarray(maxima, dtype=np.float64))
+            notes.append(f"{label!r}: no pixel above the threshold {threshold:g} (largest value {top:g})")
+    return "0 features; " + "; ".join(notes)
 
 
 def pmtiles_uri(output_uri: str) -> str:
@@ -184,65 +289,121 @@ def pixel_size_m(crs: str, resolution: float) -> float:
     return abs(resolution) * unit
 
 
-def feature_table(features: P.Features, label: str, time: np.datetime64, stats: bool) -> dict[str, Any]:
-    n, m = len(features), features.moments
-    table: dict[str, Any] = {
-        "label": np.full(n, label, dtype=object),
-        "time": np.full(n, np.datetime64(time, "s")),
-        "score_mean": m.mean,
-        "geometry": features.geometry,
-        "centerline": features.centerline,
+def feature_table(parts: list[tuple[str, np.datetime64, P.Rows]], crs: str, stats: bool,
+                  centerlines: bool = False) -> Any:  # fmt: skip
+    """One pyarrow Table of all features, typed even when empty, rows in Hilbert order of the
+    geometries' bounding boxes (what ``GeoSeries.hilbert_distance`` computes) so row groups
+    are spatially compact; readers skip them using the bbox covering column.
+
+    Columns: ``label``, ``time``, ``score_mean`` (with ``stats`` also ``score_min``,
+    ``score_max``, ``score_std``, ``pixel_count``, ``area_m2``), ``geometry`` (WKB), with
+    ``centerlines`` ``centerline`` (WKB; null for a one-pixel skeleton), and ``bbox``. The
+    GeoParquet metadata (:func:`geo_metadata`) is attached to the schema."""
+    import pyarrow as pa
+
+    rows = P.Rows.concat([r for _, _, r in parts])
+    n, m = len(rows), rows.moments
+    labels = np.concatenate([np.full(len(r), label, dtype=object) for label, _, r in parts]) if parts else []
+    times = np.concatenate([np.full(len(r), np.datetime64(t, "s")) for _, t, r in parts]) if parts else []
+    order = hilbert_order(rows.bbox)
+    columns: dict[str, Any] = {
+        "label": pa.array(np.asarray(labels, dtype=object)[order], pa.string()),
+        "time": pa.array(np.asarray(times, dtype="datetime64[s]")[order], pa.timestamp("s")),
+        "score_mean": pa.array(m.mean[order], pa.float64()),
     }
     if stats:
-        table.update(score_min=m.vmin, score_max=m.vmax, score_std=m.std, pixel_count=m.count,
-                     area_m2=features.area_m2)  # fmt: skip
-    return table
-
-
-def to_geodataframe(tables: list[dict[str, Any]], crs: str, stats: bool, centerlines: bool = False) -> Any:
-    """One GeoDataFrame, typed even when empty, rows in Hilbert order of the geometries so
-    row groups are spatially compact (readers skip them using the bbox covering column).
-
-    With ``centerlines`` a second geometry column ``centerline`` holds each polygon's centre
-    line ((Multi)LineString; null for a one-pixel skeleton)."""
-    import geopandas as gpd
-    import pandas as pd
-
-    columns = ["label", "time", "score_mean", *(STAT_COLUMNS if stats else ())]
-    data = {c: np.concatenate([t[c] for t in tables]) if tables else np.zeros(0) for c in columns}
-    geometry = np.concatenate([t["geometry"] for t in tables]) if tables else np.empty(0, dtype=object)
-    frame = pd.DataFrame(data, columns=columns).astype({
-        "label": "string", "time": "datetime64[s]", "score_mean": "float64",
-        **({"score_min": "float64", "score_max": "float64", "score_std": "float64", "pixel_count": "int64",
-            "area_m2": "float64"} if stats else {}),
-    })  # fmt: skip
-    gdf = gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(geometry, crs=crs), crs=crs)
+        columns.update(score_min=pa.array(m.vmin[order], pa.float64()), score_max=pa.array(m.vmax[order], pa.float64()),
+                       score_std=pa.array(m.std[order], pa.float64()), pixel_count=pa.array(m.count[order], pa.int64()),
+                       area_m2=pa.array(rows.area_m2[order], pa.float64()))  # fmt: skip
+    columns["geometry"] = pa.array(rows.wkb[order], pa.binary())
     if centerlines:
-        lines = np.concatenate([t["centerline"] for t in tables]) if tables else np.empty(0, dtype=object)
-        gdf["centerline"] = gpd.GeoSeries(lines, crs=crs)
-    if len(gdf):
-        order = np.argsort(gdf.geometry.hilbert_distance(), kind="stable")
-        gdf = gdf.iloc[order].reset_index(drop=True)
-    return gdf
+        columns["centerline"] = pa.array(rows.centerline[order], pa.binary())
+    bbox = rows.bbox[order]
+    columns["bbox"] = pa.StructArray.from_arrays([pa.array(bbox[:, i], pa.float64()) for i in range(4)],
+                                                 names=["xmin", "ymin", "xmax", "ymax"])  # fmt: skip
+    assert all(len(c) == n for c in columns.values())
+    table = pa.table(columns)
+    meta = geo_metadata(crs, rows, centerlines)
+    return table.replace_schema_metadata({b"geo": json.dumps(meta).encode()})
 
 
-def write_geoparquet(gdf: Any, uri: str, run_id: str) -> None:
+def hilbert_order(bbox: np.ndarray) -> np.ndarray:
+    """Stable order of rows by the Hilbert distance of their bounding box midpoints over the
+    total bounds — geopandas' own ``hilbert_distance`` (level 16), fed boxes with exactly
+    these bounds, so a reader's ``hilbert_distance()`` is non-decreasing."""
+    if not len(bbox):
+        return np.zeros(0, dtype=np.intp)
+    import geopandas as gpd
+    import shapely
+
+    boxes = gpd.GeoSeries(shapely.box(bbox[:, 0], bbox[:, 1], bbox[:, 2], bbox[:, 3]))
+    return np.argsort(boxes.hilbert_distance().to_numpy(), kind="stable")
+
+
+GEOMETRY_TYPES: Final = {0: "Point", 1: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString",
+                         6: "MultiPolygon", 7: "GeometryCollection"}  # fmt: skip
+
+
+def geo_metadata(crs: str, rows: P.Rows, centerlines: bool) -> dict[str, Any]:
+    """GeoParquet 1.1 ``geo`` metadata: WKB columns, PROJJSON CRS, geometry types, bbox, and
+    the ``bbox`` covering column of the primary geometry."""
+    projjson = P._crs(crs).to_json_dict()
+    # As geopandas does: PROJ < 9.x cannot read ids on the members of a datum ensemble.
+    for member in projjson.get("datum_ensemble", {}).get("members", []):
+        member.pop("id", None)
+
+    def column(type_ids: np.ndarray, bbox: np.ndarray | None) -> dict[str, Any]:
+        meta: dict[str, Any] = {"encoding": "WKB", "crs": projjson,
+                                "geometry_types": sorted({GEOMETRY_TYPES[int(t)] for t in np.unique(type_ids) if t >= 0})}  # fmt: skip
+        if bbox is not None and len(bbox):
+            meta["bbox"] = [float(bbox[:, 0].min()), float(bbox[:, 1].min()), float(bbox[:, 2].max()),
+                            float(bbox[:, 3].max())]  # fmt: skip
+        return meta
+
+    columns = {"geometry": {**column(rows.type_id, rows.bbox),
+                            "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}}}}  # fmt: skip
+    if centerlines:
+        columns["centerline"] = column(rows.centerline_type_id, None)
+    return {"version": GEOPARQUET_VERSION, "primary_column": "geometry", "columns": columns,
+            "creator": {"library": "rasterkube"}}  # fmt: skip
+
+
+def to_geodataframe(table: Any, crs: str) -> Any:
+    """The polygons of a feature table as a GeoDataFrame (for the PMTiles writer)."""
+    import geopandas as gpd
+    import shapely
+
+    frame = table.drop_columns([c for c in ("geometry", "centerline", "bbox") if c in table.column_names]).to_pandas()
+    geometry = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
+    return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(geometry, crs=crs), crs=crs)
+
+
+def write_geoparquet(table: Any, uri: str, run_id: str) -> None:
     """GeoParquet 1.1 with the bbox covering column, committed atomically."""
-    storage.commit_file(lambda path: _to_parquet(gdf, path), uri, run_id)
+    storage.commit_file(lambda path: _to_parquet(table, path), uri, run_id)
 
 
-def _to_parquet(gdf: Any, path: str) -> None:
-    gdf.to_parquet(path, index=False, schema_version=GEOPARQUET_VERSION, write_covering_bbox=True,
-                   compression="zstd")  # fmt: skip
+def _to_parquet(table: Any, path: str) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, path, compression="zstd")
 
 
-def summary(gdf: Any, labels: list[str], info: geozarr.StoreInfo, blocks: list[Window]) -> dict[str, Any]:
-    counts = gdf["label"].value_counts()
+def summary(table: Any, labels: list[str], info: geozarr.StoreInfo, blocks: list[Window], crs: str) -> dict[str, Any]:
+    import pyarrow.compute as pc
+
+    counts = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(table.column("label")).to_pylist()}
+    bbox = table.column("bbox").combine_chunks()
+    bounds = None
+    if table.num_rows:
+        lo = [pc.min(bbox.field(k)).as_py() for k in ("xmin", "ymin")]
+        hi = [pc.max(bbox.field(k)).as_py() for k in ("xmax", "ymax")]
+        bounds = [float(v) for v in (*lo, *hi)]
     return {
-        "feature_count": int(len(gdf)),
-        "label_counts": {label: int(counts.get(label, 0)) for label in labels},
-        "crs": str(gdf.crs.to_string()) if gdf.crs is not None else None,
-        "bounds": [float(v) for v in gdf.total_bounds] if len(gdf) else None,
+        "feature_count": int(table.num_rows),
+        "label_counts": {label: counts.get(label, 0) for label in labels},
+        "crs": P._crs(crs).to_string(),
+        "bounds": bounds,
         "times": [str(t) for t in info.times.astype("datetime64[D]")],
         "blocks": len(blocks),
     }
