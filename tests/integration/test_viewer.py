@@ -305,3 +305,15 @@ def test_page_draws_every_layer_and_its_selectors_switch_band_and_time(url: str)
         assert shown == [2]
         assert np.abs(after.astype(int) - before.astype(int)).sum(axis=-1).astype(bool).mean() > 0.2
         assert browser.console == [] or not any("exception" in line for line in browser.console)
+
+
+def test_geoparquet_without_extension_is_recognised_by_content(features: tuple[str, str], tmp_path: Path) -> None:
+    """A Vectorization's default output name has no extension."""
+    import shutil
+
+    from rasterkube.viewer.layers import FeatureLayer, open_layers
+
+    plain = tmp_path / "s2-water-polygons"
+    shutil.copy(features[0], plain)
+    (layer,) = open_layers([str(plain)]).values()
+    assert isinstance(layer, FeatureLayer)

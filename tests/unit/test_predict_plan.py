@@ -11,7 +11,7 @@ from rasterkube.api import PredictionSpec
 from rasterkube.api.common import quantity_bytes
 from rasterkube.errors import UserError
 from rasterkube.predict import actors, serving
-from rasterkube.predict.service import block_buffer_bytes, check_memory
+from rasterkube.predict.service import block_buffer_bytes, check_memory, idle_timeout
 
 
 def test_per_time_step_actors_take_the_features_as_channels() -> None:
@@ -116,3 +116,8 @@ def test_memory_checks() -> None:
 def test_quantities() -> None:
     assert quantity_bytes("4Gi") == 4 * 2**30 and quantity_bytes("512M") == 512_000_000
     assert quantity_bytes("1e9") == 10**9 and quantity_bytes("1024") == 1024
+
+
+def test_embedded_ray_gives_idle_replicas_back_quickly() -> None:
+    assert idle_timeout(120, embedded_ray=False) == 120.0
+    assert idle_timeout(120, embedded_ray=True) == 5.0 and idle_timeout(1, embedded_ray=True) == 1.0

@@ -23,6 +23,7 @@ from rasterkube.grid import Window
 from rasterkube.jobs.context import JobContext, JobRequest, JobResult, raster_summary
 from rasterkube.predict import actors, models, serving, windows
 from rasterkube.runtime.blocks import plan_blocks
+from rasterkube.runtime import executor
 from rasterkube.runtime.executor import run_blocks
 from rasterkube.runtime.progress import Reporter, ScaledReporter
 
@@ -31,6 +32,7 @@ from rasterkube.runtime.progress import Reporter, ScaledReporter
 # deployment starve them (a hang); their number is bounded by run_blocks' in-flight limit.
 TASK_CPUS: Final = 0.0
 PAD_MODE: Final = "reflect"
+EMBEDDED_IDLE_S: Final = 5.0
 BYTES_F32: Final = 4
 # Refuse settings whose buffers alone would take more than this share of a worker's memory:
 # the model's activations, Ray and Python need the rest.
@@ -170,6 +172,15 @@ def predict_block(block: Window, p: BlockParams) -> int:
     return len(origins) * len(outs)
 
 
+def idle_timeout(requested_s: float, embedded_ray: bool) -> float:
+    """Seconds an idle shared deployment keeps its replicas.
+
+    An embedded Ray (``rasterkube run``, the demo) lives only as long as its process, so no later
+    run can reuse the replicas; the other resources of the same run need their CPUs instead.
+    """
+    return min(float(requested_s), EMBEDDED_IDLE_S) if embedded_ray else float(requested_s)
+
+
 def serve_config(spec: PredictionSpec, prepared: Prepared) -> serving.ServeConfig:
     fetched = prepared.fetched
     # A local file is handed to replicas by absolute path; remote ones by URI (fetched there).
@@ -184,7 +195,7 @@ def serve_config(spec: PredictionSpec, prepared: Prepared) -> serving.ServeConfi
         max_replicas=spec.serving.max_replicas,
         cpus_per_replica=spec.serving.cpus_per_replica,
         gpus_per_replica=spec.serving.gpus_per_replica,
-        idle_timeout_s=float(spec.serving.idle_timeout_seconds),
+        idle_timeout_s=idle_timeout(spec.serving.idle_timeout_seconds, executor.embedded()),
         probe_channels=prepared.plan.in_channels if prepared.signature.format == models.FORMAT_TORCHSCRIPT else None,
     )
 

@@ -15,6 +15,7 @@ from rasterkube.runtime.progress import NullReporter, Reporter
 
 T = TypeVar("T")
 LOOPBACK = "127.0.0.1"
+_embedded = False
 
 # Settings the driver has that the workers need to reach storage (object store endpoint and
 # credentials, GDAL/rasterio tuning). Workers may run on other nodes, or were started before
@@ -43,6 +44,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                 "RAY_AUTH_TOKEN); unset RAY_ADDRESS to use an embedded local Ray"
             ) from None
     else:
+        global _embedded
+        _embedded = True
         ray.init(
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
@@ -51,6 +54,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             # The embedded Ray serves this process only: keep all of it on loopback.
             _node_ip_address=LOOPBACK,
         )
+
+
+def embedded() -> bool:
+    """True when this process started its own local Ray (no RAY_ADDRESS): it ends with us."""
+    return _embedded and ray.is_initialized()
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

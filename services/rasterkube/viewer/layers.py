@@ -47,6 +47,21 @@ def layer_id(path: str, taken: set[str]) -> str:
     return name
 
 
+PARQUET_MAGIC = b"PAR1"
+
+
+def _magic(path: str) -> bytes:
+    """The first four bytes of a file (b"" for a directory, a missing path or a store)."""
+    try:
+        fs, p = storage.filesystem(path)
+        if not fs.isfile(p):
+            return b""
+        with fs.open(p, "rb") as fh:
+            return fh.read(len(PARQUET_MAGIC))
+    except OSError:
+        return b""
+
+
 def open_layers(paths: list[str]) -> dict[str, Any]:
     """Layers for the paths given on the command line, by kind (raise UserError if unknown)."""
     taken: set[str] = set()
@@ -56,7 +71,8 @@ def open_layers(paths: list[str]) -> dict[str, Any]:
         lower = path.lower().rstrip("/")
         if lower.endswith(".pmtiles"):
             layers[lid] = PMTilesLayer(lid, path)
-        elif lower.endswith((".parquet", ".geoparquet")):
+        elif lower.endswith((".parquet", ".geoparquet")) or _magic(path) == PARQUET_MAGIC:
+            # By content too: a Vectorization's default output name has no extension.
             layers[lid] = FeatureLayer(lid, path)
         elif storage.exists(path) and (lower.endswith(".zarr") or storage.is_committed(path)):
             layer = RasterLayer(lid, storage.normalize(path))
