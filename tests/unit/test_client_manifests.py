@@ -47,6 +47,7 @@ def test_sources_and_snake_case_values() -> None:
     assert p.manifest["spec"]["source"] == {"mosaicRef": {"name": "m"}}
     assert p.manifest["spec"]["model"]["actor"] == "changeDetection"
     assert p.manifest["spec"]["mergeMode"] == "weightedAverage" and p.manifest["spec"]["serving"]["gpusPerReplica"] == 0.5
+    assert p.manifest["spec"]["resources"]["gpus"] == 1, "GPU replicas get GPU workers"
     other_ns = Result("Mosaic", "m", "elsewhere", {"outputs": {"uri": "s3://b/m", "summary": {"bands": []}}})
     assert client.predict_mosaic("p", other_ns, "m.pt2", "regression", "a", "b").manifest["spec"]["source"] == {"uri": "s3://b/m"}
     c = client.run_mosaics_change("c", ("Prediction", "emb"), methods="cluster_transition", distance="alpha_earth_cosine",

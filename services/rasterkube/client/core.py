@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import math
 import os
 import re
 import shutil
@@ -335,6 +336,10 @@ class Client:
             "gpusPerReplica": gpus_per_replica,
             "shareDeployment": share_deployment,
         })  # fmt: skip
+        if gpus_per_replica and not (resources or {}).get("gpus"):
+            # GPU replicas need GPU workers (KubeRay sizes them from resources): enough GPUs for
+            # the replicas asked for, unless the caller sized the workers themselves.
+            resources = {**(resources or {}), "gpus": math.ceil(gpus_per_replica * (replicas or 1))}
         spec = _drop_none({
             "source": self._source(mosaic, (Kind.MOSAIC,), "mosaic"),
             "model": {"uri": os.fspath(model_uri) if isinstance(model_uri, os.PathLike) else model_uri,
