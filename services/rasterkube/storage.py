@@ -9,6 +9,7 @@ is only openable once it is complete. The temporary prefix is then deleted.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import tempfile
@@ -148,3 +149,12 @@ def commit_file(write: Callable[[str], Any], uri: str, run_id: str) -> None:
         finally:
             if fs.exists(tmp_path):
                 fs.rm(tmp_path)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a local file, read in 1 MiB pieces (pinned downloads, model identity)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

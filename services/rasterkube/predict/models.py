@@ -30,7 +30,6 @@ TorchScript's own restricted unpickler (tensors and TorchScript types only).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -116,14 +115,6 @@ class FetchedModel:
         return self.sha256[:12]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _Index:
     """``uri → {sha256, version}`` in ``<cache>/models/index.json`` (version = ETag or size)."""
 
@@ -204,7 +195,7 @@ def fetch(uri: str, cache: Path | None = None) -> FetchedModel:
         path = Path(url.removeprefix("file://")).expanduser()
         if not path.is_file():
             raise ModelError(uri, "does not exist (or is not a file); check the path")
-        return FetchedModel(uri=uri, path=path.resolve(), sha256=_sha256_file(path))
+        return FetchedModel(uri=uri, path=path.resolve(), sha256=storage.sha256_file(path))
     root = (cache or cache_dir()) / "models"
     root.mkdir(parents=True, exist_ok=True)
     index = _Index(root)
@@ -218,7 +209,7 @@ def fetch(uri: str, cache: Path | None = None) -> FetchedModel:
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         part = Path(tmp) / name
         _download_to(url, uri, part)
-        sha = _sha256_file(part)
+        sha = storage.sha256_file(part)
         final = root / sha / name
         final.parent.mkdir(exist_ok=True)
         if not final.exists():

@@ -8,7 +8,6 @@ pinned sha256 before anything in it is used.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import tarfile
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rasterkube.errors import UserError
+from rasterkube.storage import sha256_file
 
 
 @dataclass(frozen=True)
@@ -32,14 +32,6 @@ class NpmPackage:
     def tarball_name(self) -> str:
         # npm pack names "@scope/name" tarballs "scope-name-<version>.tgz".
         return f"{self.name.lstrip('@').replace('/', '-')}-{self.version}.tgz"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def pack(package: NpmPackage, directory: Path) -> Path:
