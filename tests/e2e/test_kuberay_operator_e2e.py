@@ -7,6 +7,8 @@ status subresource the way the KubeRay operator would.
 
 from __future__ import annotations
 
+import datetime
+
 import json
 import subprocess
 import sys
@@ -97,7 +99,9 @@ def test_rayjob_created_and_status_followed_to_success(kuberay_operator: devstac
     assert pod["nodeSelector"] == {"pool": "gpu"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert worker["replicas"] == 2
     # KubeRay's lifecycle, written as KubeRay writes it
-    set_rayjob_status(info, jid, {"jobDeploymentStatus": "Initializing", "startTime": "2026-01-01T00:00:00Z"})
+    # A start time of now: an old one would (rightly) read as a cluster stuck in Initializing.
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    set_rayjob_status(info, jid, {"jobDeploymentStatus": "Initializing", "startTime": now})
     set_rayjob_status(info, jid, {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING",
                                   "dashboardURL": "raycluster-head-svc.default:8265"})  # fmt: skip
     running = wait_for(info, "changescore", "kr-ok", reason_is("JobRunning"))
