@@ -147,13 +147,15 @@ def run_planned(
 ) -> list[Outcome]:
     """Run each resource in order; a failed source fails its consumers without running them."""
     requests = {p.item.key: _request(p) for p in order}
+    prepared: dict[tuple[Kind, str, str], object] = {}
+    written: set[str] = set()
     # Before anything runs or is written: every kind has a service, and every resource whose
     # source already exists passes the checks that need it (bands, dataVar, selector, ...).
     for p in order:
         service = service_for(Kind(p.item.resource.kind))
         if p.depends_on is None:
             try:
-                service.preflight(p.item.resource, requests[p.item.key])
+                prepared[p.item.key] = service.preflight(p.item.resource, requests[p.item.key])
             except UserError as exc:
                 raise UserError(f"{p.item.origin}: {p.item.label}: {exc}") from None
     results: dict[tuple[Kind, str, str], Outcome] = {}
@@ -172,7 +174,10 @@ def run_planned(
         outcome.start_time = now()
         outcome.phase = Phase.RUNNING
         try:
-            result = run_job(request, reporter, max_in_flight=max_in_flight)
+            # Checked before the run started, unless an earlier resource of this run has since
+            # rewritten its source (a `uri` naming another resource's output, not a ref).
+            earlier = prepared.get(p.item.key) if request.source_uri not in written else None
+            result = run_job(request, reporter, max_in_flight=max_in_flight, prepared=earlier)
         except UserError as exc:
             outcome.phase, outcome.error = Phase.FAILED, f"{p.item.label}: {exc}"
         except Exception as exc:  # a fault, not bad input: keep the trace in the log, report the rest
@@ -181,5 +186,6 @@ def run_planned(
         else:
             outcome.phase = Phase.SUCCEEDED
             outcome.outputs = {"uri": result.uri, "summary": result.summary}
+            written.add(result.uri)
         outcome.completion_time = now()
     return [results[p.item.key] for p in order]

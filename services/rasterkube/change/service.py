@@ -205,10 +205,12 @@ def fit_clusters(spec: ChangeScoreSpec, info: geozarr.StoreInfo, band_idx: list[
     return clustering.fit_model(samples, spec.distance, k, spec.clustering.method, seed=SAMPLE_SEED)
 
 
-def run(resource: ChangeScore, ctx: JobContext, reporter: Reporter) -> JobResult:
+def run(
+    resource: ChangeScore, ctx: JobContext, reporter: Reporter, prepared: tuple[geozarr.StoreInfo, list[int], Window]
+) -> JobResult:
     spec = resource.spec
     request = ctx.request
-    info, band_idx, window = preflight(resource, request)
+    info, band_idx, window = prepared
     assert request.source_uri is not None
     names = score_names(spec)
     model = None

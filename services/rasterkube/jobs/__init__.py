@@ -22,9 +22,10 @@ class Service(Protocol):
     """What every service module provides."""
 
     def preflight(self, resource: Any, request: JobRequest) -> object:
-        """Every check that needs the source; raises UserError; writes nothing."""
+        """Every check that needs the source; raises UserError; writes nothing. What it learns
+        (store layout, loaded model signature, STAC search results) is handed to ``run``."""
 
-    def run(self, resource: Any, ctx: JobContext, reporter: Reporter) -> JobResult: ...
+    def run(self, resource: Any, ctx: JobContext, reporter: Reporter, prepared: Any) -> JobResult: ...
 
 
 def _change_score() -> ModuleType:
@@ -71,14 +72,24 @@ def service_for(kind: Kind) -> Service:
         ) from None
 
 
-def run_job(request: JobRequest, reporter: Reporter | None = None, max_in_flight: int | None = None) -> JobResult:
-    """Validate the request, make sure Ray is up, run the kind's service."""
+def run_job(
+    request: JobRequest,
+    reporter: Reporter | None = None,
+    max_in_flight: int | None = None,
+    prepared: object | None = None,
+) -> JobResult:
+    """Validate the request, make sure Ray is up, run the kind's service.
+
+    ``prepared``: the service's preflight result when the caller already checked the request
+    (``rasterkube run`` checks every resource before the first one runs), so sources are
+    described, models loaded and catalogs searched once."""
     resource = request.parsed()
     service = service_for(request.kind)
-    service.preflight(resource, request)  # before Ray starts and before anything is written
+    if prepared is None:
+        prepared = service.preflight(resource, request)  # before Ray starts and before anything is written
     ensure_ray()
     ctx = JobContext(request=request, reporter=reporter or NullReporter(), max_in_flight=max_in_flight)
-    return service.run(resource, ctx, ctx.reporter)
+    return service.run(resource, ctx, ctx.reporter, prepared)
 
 
 __all__ = ["JobContext", "JobRequest", "JobResult", "run_job", "service_for"]

@@ -355,9 +355,8 @@ def _write_index(plan: MosaicPlan, summaries: Sequence[dict[str, Any]], run_id: 
     storage.commit_file(lambda path: frame.to_parquet(path, write_covering_bbox=True), plan.index_uri, run_id)
 
 
-def run(resource: Mosaic, ctx: JobContext, reporter: Reporter) -> JobResult:
+def run(resource: Mosaic, ctx: JobContext, reporter: Reporter, plan: MosaicPlan) -> JobResult:
     spec = resource.spec
-    plan = preflight(resource, ctx.request)
     if plan.index_uri is not None:
         storage.remove(plan.index_uri)  # the old index must not vouch for stores being replaced
     summaries = []

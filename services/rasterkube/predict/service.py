@@ -200,9 +200,8 @@ def serve_config(spec: PredictionSpec, prepared: Prepared) -> serving.ServeConfi
     )
 
 
-def run(resource: Prediction, ctx: JobContext, reporter: Reporter) -> JobResult:
+def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Prepared) -> JobResult:
     spec, request = resource.spec, ctx.request
-    prepared = preflight(resource, request)
     assert request.source_uri is not None
     info, plan, sig = prepared.info, prepared.plan, prepared.signature
     out_times, extra_coords = actors.output_times(plan, info.times)

@@ -182,10 +182,12 @@ def _check_crs(crs: str) -> None:
         raise UserError(f"spec.output.crs: {crs!r} is not a CRS pyproj knows ({exc}); e.g. EPSG:4326") from None
 
 
-def run(resource: Vectorization, ctx: JobContext, reporter: Reporter) -> JobResult:
+def run(
+    resource: Vectorization, ctx: JobContext, reporter: Reporter, prepared: tuple[geozarr.StoreInfo, list[int]]
+) -> JobResult:
     spec = resource.spec
     request = ctx.request
-    info, band_idx = preflight(resource, request)
+    info, band_idx = prepared
     assert request.source_uri is not None
     grid = info.grid
     params = BlockParams(
