@@ -17,7 +17,13 @@ from rasterkube.api.kinds import ChangeMethod, Distance, Selector
 from rasterkube.change import clustering, scores
 from rasterkube.errors import UserError
 from rasterkube.grid import GeoGrid, Window
-from rasterkube.jobs.context import JobContext, JobRequest, JobResult, raster_summary
+from rasterkube.jobs.context import (
+    JobContext,
+    JobRequest,
+    JobResult,
+    commit_store,
+    raster_summary,
+)
 from rasterkube.runtime.blocks import plan_blocks, row_strips, shift
 from rasterkube.runtime.executor import run_blocks
 from rasterkube.runtime.progress import Reporter, ScaledReporter
@@ -258,18 +264,16 @@ def run(
             reporter=ScaledReporter(reporter, blocks_lo, blocks_hi),
             message="scoring blocks",
         )
-        levels = None
-        if spec.output.multiscales:
-            levels = multiscale.build(
-                tmp,
-                reporter=ScaledReporter(reporter, MULTISCALE_PERCENT, BLOCKS_PERCENT),
-                num_cpus=spec.resources.cpus,
-                max_in_flight=ctx.max_in_flight,
-            )
-        reporter.progress(COMMIT_PERCENT, "committing output")
-        geozarr.finalize(tmp)
-        storage.commit(tmp, request.output_uri)
-        reporter.progress(100, "output committed")
+        levels = commit_store(
+            tmp,
+            request.output_uri,
+            reporter,
+            multiscales=spec.output.multiscales,
+            pyramid_percent=(MULTISCALE_PERCENT, BLOCKS_PERCENT),
+            commit_percent=COMMIT_PERCENT,
+            num_cpus=spec.resources.cpus,
+            max_in_flight=ctx.max_in_flight,
+        )
     except BaseException:
         storage.remove(tmp)
         raise

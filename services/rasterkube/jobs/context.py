@@ -13,7 +13,7 @@ from rasterkube import storage
 from rasterkube.api import RESOURCE_MODELS, Resource
 from rasterkube.constants import Kind
 from rasterkube.errors import UserError
-from rasterkube.runtime.progress import NullReporter, Reporter
+from rasterkube.runtime.progress import NullReporter, Reporter, ScaledReporter
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,38 @@ def raster_summary(out: Any, blocks: int, **extra: Any) -> dict[str, Any]:
         "blocks": blocks,
         **extra,
     }
+
+
+def commit_store(
+    tmp_uri: str,
+    final_uri: str,
+    reporter: Reporter,
+    *,
+    multiscales: bool,
+    pyramid_percent: tuple[float, float],
+    commit_percent: float | None,
+    num_cpus: float = 1.0,
+    max_in_flight: int | None = None,
+) -> list[Any] | None:
+    """Finish a raster output written at ``tmp_uri``: the pyramid if asked for (built before
+    the commit, so it is committed atomically with the data), consolidated metadata, commit.
+
+    Returns the pyramid's level grids (None without multiscales). ``commit_percent=None``
+    leaves the commit's progress to the caller (a Mosaic commits one store per AOI row)."""
+    from rasterkube import geozarr, multiscale
+
+    levels = None
+    if multiscales:
+        levels = multiscale.build(
+            tmp_uri, reporter=ScaledReporter(reporter, *pyramid_percent), num_cpus=num_cpus, max_in_flight=max_in_flight
+        )
+    if commit_percent is not None:
+        reporter.progress(commit_percent, "committing output")
+    geozarr.finalize(tmp_uri)
+    storage.commit(tmp_uri, final_uri)
+    if commit_percent is not None:
+        reporter.progress(100, "output committed")
+    return levels
 
 
 @dataclass(frozen=True)

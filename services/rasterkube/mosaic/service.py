@@ -40,7 +40,7 @@ from rasterkube import geozarr, storage
 from rasterkube.api.kinds import Mosaic, MosaicSpec
 from rasterkube.errors import UserError
 from rasterkube.grid import GeoGrid, Window
-from rasterkube.jobs.context import JobContext, JobRequest, JobResult
+from rasterkube.jobs.context import JobContext, JobRequest, JobResult, commit_store
 from rasterkube.mosaic import composite, gridding, reads, stac
 from rasterkube.mosaic.aoi import WGS84, load_aoi
 from rasterkube.mosaic.recipes import Recipe, recipe_for
@@ -313,15 +313,10 @@ def _write_store(plan: MosaicPlan, row: RowPlan, spec: MosaicSpec, resource: Mos
             reporter=ScaledReporter(reporter, 0, MULTISCALE_FROM if spec.output.multiscales else 100),
             message=f"compositing blocks of {row.key}",
         )  # fmt: skip
-        levels = 1
-        if spec.output.multiscales:
-            from rasterkube import multiscale
-
-            # before the commit: the pyramid is committed atomically with the data
-            levels = len(multiscale.build(tmp, reporter=ScaledReporter(reporter, MULTISCALE_FROM, 100),
-                                          num_cpus=spec.resources.cpus, max_in_flight=ctx.max_in_flight))  # fmt: skip
-        geozarr.finalize(tmp)
-        storage.commit(tmp, row.output_uri)
+        pyramid = commit_store(tmp, row.output_uri, reporter, multiscales=spec.output.multiscales,
+                               pyramid_percent=(MULTISCALE_FROM, 100), commit_percent=None,
+                               num_cpus=spec.resources.cpus, max_in_flight=ctx.max_in_flight)  # fmt: skip
+        levels = len(pyramid) if pyramid is not None else 1
     except BaseException:
         storage.remove(tmp)
         raise

@@ -14,16 +14,22 @@ from typing import Final
 import numpy as np
 import ray
 
-from rasterkube import geozarr, multiscale, storage
+from rasterkube import geozarr, storage
 from rasterkube.api import Prediction, PredictionSpec
 from rasterkube.api.kinds import DeviceKind, MergeMode
 from rasterkube.constants import DATA_VAR
 from rasterkube.errors import UserError
 from rasterkube.grid import Window
-from rasterkube.jobs.context import JobContext, JobRequest, JobResult, raster_summary
+from rasterkube.jobs.context import (
+    JobContext,
+    JobRequest,
+    JobResult,
+    commit_store,
+    raster_summary,
+)
 from rasterkube.predict import actors, models, serving, windows
-from rasterkube.runtime.blocks import plan_blocks
 from rasterkube.runtime import executor
+from rasterkube.runtime.blocks import plan_blocks
 from rasterkube.runtime.executor import run_blocks
 from rasterkube.runtime.progress import Reporter, ScaledReporter
 
@@ -258,15 +264,15 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
             ),
             message="predicting blocks",
         )
-        levels = None
-        if spec.output.multiscales:
-            levels = multiscale.build(
-                tmp, reporter=ScaledReporter(reporter, MULTISCALE_PERCENT, BLOCKS_PERCENT), max_in_flight=ctx.max_in_flight
-            )
-        reporter.progress(COMMIT_PERCENT, "committing output")
-        geozarr.finalize(tmp)
-        storage.commit(tmp, request.output_uri)
-        reporter.progress(100, "output committed")
+        levels = commit_store(
+            tmp,
+            request.output_uri,
+            reporter,
+            multiscales=spec.output.multiscales,
+            pyramid_percent=(MULTISCALE_PERCENT, BLOCKS_PERCENT),
+            commit_percent=COMMIT_PERCENT,
+            max_in_flight=ctx.max_in_flight,
+        )
     except BaseException:
         storage.remove(tmp)
         raise
