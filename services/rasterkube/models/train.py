@@ -33,6 +33,7 @@ S2_CRS: Final = "EPSG:32633"
 LANDSAT_BBOX: Final = (-106.924, 40.281, -106.904, 40.296)  # as examples/local/mosaic-landsat.yaml
 VAL_FRACTION: Final = 0.3  # the eastern 30 % of the S2 scene is held out
 CHANGE_MADS: Final = 3.0
+HELD_OUT_YEARS: Final = (2012, 2013)  # the pair with the strongest change, kept for evaluation
 MAD_TO_SD: Final = 1.4826
 WATER_FILE: Final = "gis_osm_landuse-water_a_free_1_area-10000-to-500000.gpkg"
 WATER_CLASS: Final = "water"
@@ -209,7 +210,8 @@ def change_pairs(annual: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray,
 def train_change(store: str, steps: int) -> tuple[Standardize, torch.nn.Module, dict[str, Any]]:
     annual = geozarr.read_region(store, "variables", _full(store))  # (T, 3, H, W)
     pairs, dist, threshold = change_pairs(annual)
-    held = {p for p in pairs if 2013 - 2008 in (p[0], p[1]) and abs(p[0] - p[1]) == 1}  # 2012<->2013 held out
+    years = [int(str(t)[:4]) for t in geozarr.describe(store).times]
+    held = {(i, j) for i, j in pairs if {years[i], years[j]} == set(HELD_OUT_YEARS)}
     mean, std = _standardization(annual.transpose(1, 0, 2, 3).reshape(annual.shape[1], -1))
     transforms = Standardize(np.tile(mean, 2), np.tile(std, 2))
     samples, evals = [], []
@@ -225,7 +227,7 @@ def train_change(store: str, steps: int) -> tuple[Standardize, torch.nn.Module, 
     metrics = [iou(_predict(ident, net, x), y.clip(0), v) for x, y, v in evals]
     return transforms, net, {
         "held_out": {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]},
-        "held_out_pairs": sorted(f"{2008 + i}->{2008 + j}" for i, j in held),
+        "held_out_pairs": sorted(f"{years[i]}->{years[j]}" for i, j in held),
         "threshold": threshold,
         "final_loss": losses[-1],
         "label_source": f"spectral distance > median + {CHANGE_MADS} x 1.4826 MAD over all year pairs",

@@ -95,7 +95,8 @@ def _is_http(uri: str) -> bool:
     return uri.startswith(("https://", "http://"))
 
 
-def _is_remote(uri: str) -> bool:
+def is_remote(uri: str) -> bool:
+    """Fetched over the network (s3://, https://, ...) rather than read from local disk."""
     return _is_http(uri) or "://" in uri and not uri.startswith("file://")
 
 
@@ -191,7 +192,7 @@ def fetch(uri: str, cache: Path | None = None) -> FetchedModel:
     if not uri.strip():
         raise ModelError(uri, "is empty; give a local path, s3://, https:// or hf:// URI of a .pt2 file")
     url = resolve_uri(uri)
-    if not _is_remote(url):
+    if not is_remote(url):
         path = Path(url.removeprefix("file://")).expanduser()
         if not path.is_file():
             raise ModelError(uri, "does not exist (or is not a file); check the path")

@@ -190,7 +190,7 @@ def idle_timeout(requested_s: float, embedded_ray: bool) -> float:
 def serve_config(spec: PredictionSpec, prepared: Prepared) -> serving.ServeConfig:
     fetched = prepared.fetched
     # A local file is handed to replicas by absolute path; remote ones by URI (fetched there).
-    uri = spec.model.uri if models._is_remote(models.resolve_uri(spec.model.uri)) else str(fetched.path)
+    uri = spec.model.uri if models.is_remote(models.resolve_uri(spec.model.uri)) else str(fetched.path)
     return serving.ServeConfig(
         model_uri=uri,
         model_sha256=fetched.sha256,
