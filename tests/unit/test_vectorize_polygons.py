@@ -260,3 +260,40 @@ def test_merging_split_groups_equals_merging_all(k: int) -> None:
     assert (shapely.to_wkb(split.geometry) == shapely.to_wkb(whole.geometry)).all()
     np.testing.assert_array_equal(split.moments.count, whole.moments.count)
     np.testing.assert_array_equal(split.moments.m2, whole.moments.m2)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_seam_merger_hands_out_only_complete_groups_in_any_block_order(connectivity: int, seed: int) -> None:
+    """Blocks added in a random order, ready() asked after each: every group handed out is a
+    whole-raster component (equal to the one grouping all blocks at once gives), each exactly
+    once, numbered by key — so merging as blocks finish gives the same result."""
+    values = blobs(90, 100, seed=20 + seed, sigma=3.0)
+    blocks = [(y0, min(y0 + 12, 90), x0, min(x0 + 15, 100)) for y0 in range(0, 90, 12) for x0 in range(0, 100, 15)]
+    results = [P.polygonize_block(values[y0:y1, x0:x1], 0.3, connectivity, (y0, y1, x0, x1), values.shape, TRANSFORM)
+               for y0, y1, x0, x1 in blocks]  # fmt: skip
+    whole = P.group_pieces(results, blocks, connectivity)
+    want = P.merge_groups(whole, TRANSFORM)
+    merger = P.SeamMerger(blocks, connectivity)
+    handed: list[P.Groups] = []
+    early = 0
+    order = np.random.default_rng(seed).permutation(len(blocks))
+    for step, k in enumerate(order):
+        merger.add(int(k), results[k])
+        ready = merger.ready()
+        assert np.all(np.diff(ready.keys) > 0)
+        if ready.n_groups:
+            handed.append(ready)
+            early += ready.n_groups if step < len(order) - 1 else 0
+    assert merger.open_pieces == 0 and merger.ready().n_groups == 0
+    got = P.Groups.concat(handed)
+    assert got.n_groups == whole.n_groups and len(got.pieces) == len(whole.pieces)
+    # most groups are complete (and merged) before the last block arrives
+    assert early > whole.n_groups // 2
+    merged = P.merge_groups(got, TRANSFORM)
+    by_key = np.argsort(got.keys, kind="stable")
+    np.testing.assert_array_equal(got.keys[by_key], whole.keys)
+    assert (shapely.to_wkb(merged.geometry[by_key]) == shapely.to_wkb(want.geometry)).all()
+    np.testing.assert_array_equal(merged.moments.count[by_key], want.moments.count)
+    with pytest.raises(ValueError, match="added twice"):
+        merger.add(int(order[0]), results[order[0]])

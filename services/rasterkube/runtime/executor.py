@@ -82,6 +82,15 @@ def default_in_flight() -> int:
     return max(2, 2 * cpus)
 
 
+def _remote(task: Callable[..., T], num_cpus: float, max_retries: int) -> Any:
+    return ray.remote(task).options(
+        num_cpus=num_cpus,
+        max_retries=max_retries,
+        retry_exceptions=False,
+        runtime_env={"env_vars": carried_env()},
+    )
+
+
 def run_blocks(
     task: Callable[..., T],
     items: Sequence[Any],
@@ -91,19 +100,17 @@ def run_blocks(
     reporter: Reporter | None = None,
     message: str = "processing blocks",
     max_retries: int = 3,
+    on_result: Callable[[int, T], None] | None = None,
 ) -> list[T]:
     """Call ``task(item, *args)`` for every item as a Ray task; at most ``max_in_flight`` at once.
 
     Results come back in item order. Task failures are retried by Ray (``max_retries``) —
     blocks are idempotent writes of disjoint chunks — and re-raised if they persist.
+    ``on_result(index, result)`` is called on the driver as each result arrives (in completion
+    order), e.g. to start follow-up work (:class:`TaskGroup`) before the last block is done.
     """
     reporter = reporter or NullReporter()
-    remote = ray.remote(task).options(
-        num_cpus=num_cpus,
-        max_retries=max_retries,
-        retry_exceptions=False,
-        runtime_env={"env_vars": carried_env()},
-    )
+    remote = _remote(task, num_cpus, max_retries)
     limit = max_in_flight or default_in_flight()
     # Large shared arguments go to the object store once, not once per task.
     shared = [ray.put(a) for a in args]
@@ -119,12 +126,48 @@ def run_blocks(
                 next_item += 1
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                results[pending.pop(ref)] = ray.get(ref)
+                index = pending.pop(ref)
+                results[index] = ray.get(ref)
+                if on_result is not None:
+                    on_result(index, results[index])
             reporter.progress(100.0 * len(results) / total, f"{message}: {len(results)}/{total}")
     except BaseException:
         _drain(list(pending))
         raise
     return [results[i] for i in range(total)]
+
+
+class TaskGroup:
+    """Ray tasks of one function submitted one at a time (e.g. from ``run_blocks``'
+    ``on_result``, as the work they need becomes available), with run_blocks' options;
+    :meth:`results` gathers them in submission order. Use as a context manager: leaving it by
+    an exception cancels what is still running, so nothing writes after the caller cleaned up."""
+
+    def __init__(self, task: Callable[..., T], *args: Any, num_cpus: float = 1.0, max_retries: int = 3) -> None:
+        self._remote = _remote(task, num_cpus, max_retries)
+        self._shared = [ray.put(a) for a in args]
+        self._refs: list[ray.ObjectRef] = []
+
+    def submit(self, item: Any) -> None:
+        self._refs.append(self._remote.remote(item, *self._shared))
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def results(self, reporter: Reporter | None = None, message: str = "processing") -> list[Any]:
+        reporter = reporter or NullReporter()
+        total, left = len(self._refs), list(self._refs)
+        while left:
+            _, left = ray.wait(left, num_returns=1)
+            reporter.progress(100.0 * (total - len(left)) / total, f"{message}: {total - len(left)}/{total}")
+        return ray.get(self._refs)
+
+    def __enter__(self) -> TaskGroup:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            _drain(self._refs)
 
 
 def _drain(refs: list[ray.ObjectRef], timeout_s: float = 60.0) -> None:

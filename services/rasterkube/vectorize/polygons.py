@@ -72,8 +72,10 @@ background, never foreground, and no statistic sees them.
 
 from __future__ import annotations
 
+import gc
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final
@@ -202,12 +204,13 @@ def polygonize_labels(labels: NDArray[np.int32], n: int, connectivity: int, orig
     values: list[float] = []
     rings_per_polygon: list[int] = []
     rings: list[list[tuple[float, float]]] = []
-    for geojson, value in rasterio.features.shapes(labels, mask=labels > 0 if mask is None else mask,
-                                                   connectivity=connectivity, transform=transform):  # fmt: skip
-        polygon_rings = geojson["coordinates"]
-        values.append(value)
-        rings_per_polygon.append(len(polygon_rings))
-        rings.extend(polygon_rings)
+    with _no_gc():
+        for geojson, value in rasterio.features.shapes(labels, mask=labels > 0 if mask is None else mask,
+                                                       connectivity=connectivity, transform=transform):  # fmt: skip
+            polygon_rings = geojson["coordinates"]
+            values.append(value)
+            rings_per_polygon.append(len(polygon_rings))
+            rings.extend(polygon_rings)
     ring_sizes = np.fromiter(map(len, rings), dtype=np.intp, count=len(rings))
     flat = itertools.chain.from_iterable(itertools.chain.from_iterable(rings))
     coords = np.fromiter(flat, dtype=np.float64, count=2 * int(ring_sizes.sum())).reshape(-1, 2)
@@ -216,6 +219,20 @@ def polygonize_labels(labels: NDArray[np.int32], n: int, connectivity: int, orig
     polys = shapely.polygons(rings_arr, indices=np.repeat(np.arange(len(values)), rings_per_polygon))
     geoms[np.asarray(values, dtype=np.int64) - 1] = polys
     return geoms
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cyclic garbage collector off while GDAL's GeoJSON is read: tens of thousands of
+    coordinate tuples (no cycles among them) trigger collections that walk the whole heap
+    of a Ray worker — 5–10 % of a block's time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def make_valid(geoms: Geoms) -> Geoms:
@@ -494,67 +511,198 @@ def seam_pairs(a: NDArray[np.int32], b: NDArray[np.int32], connectivity: int) ->
     return np.concatenate(pa), np.concatenate(pb)
 
 
-@dataclass(frozen=True)
-class _Node:
-    offset: int
-    labels: NDArray[np.int32]
+# Neighbour directions of a block on the block grid, (drow, dcol). The four sides come first;
+# the corners matter for 8-connectivity only (there the two corner pixels touch diagonally).
+SIDES: Final = ((0, 1), (1, 0), (0, -1), (-1, 0))
+CORNERS: Final = ((1, 1), (1, -1), (-1, -1), (-1, 1))
 
-    def ids(self, labels: NDArray[np.int32]) -> NDArray[np.intp]:
-        return self.offset + np.searchsorted(self.labels, labels)
+
+def _strip(edges: Edges, direction: tuple[int, int]) -> NDArray[np.int32]:
+    """The labels of a block that face its neighbour in ``direction`` (a side strip, or the
+    one corner pixel)."""
+    return {(0, 1): edges.right, (1, 0): edges.bottom, (0, -1): edges.left, (-1, 0): edges.top,
+            (1, 1): edges.bottom[-1:], (1, -1): edges.bottom[:1], (-1, -1): edges.top[:1],
+            (-1, 1): edges.top[-1:]}[direction]  # fmt: skip
+
+
+def _facing(a: Edges, b: Edges, direction: tuple[int, int], connectivity: int) -> Pairs:
+    """Label pairs (block a, block b) of foreground pixels adjacent across the seam between a
+    and its neighbour b in ``direction``."""
+    back = (-direction[0], -direction[1])
+    if direction in SIDES:
+        return seam_pairs(_strip(a, direction), _strip(b, back), connectivity)
+    la, lb = _strip(a, direction), _strip(b, back)
+    both = (la > 0) & (lb > 0)
+    return la[both], lb[both]
+
+
+def piece_key(block: int, label: NDArray[np.int32] | int) -> NDArray[np.int64]:
+    """A piece's identity that does not depend on the order blocks finish in: (block index,
+    label). A merged component is known by the smallest key of its pieces."""
+    return (np.int64(block) << 32) | np.asarray(label, dtype=np.int64)
+
+
+class SeamMerger:
+    """Groups the pieces of a raster's blocks into whole-raster components *while the blocks
+    are still being computed*, so the unions can start before the last block is done.
+
+    Blocks are :meth:`add`-ed in any order. A piece touches some internal block edges; it
+    *needs* the neighbour block across each of them (and, for 8-connectivity, across a corner
+    pixel). Seams between two added blocks are matched as soon as both are there. The
+    connected components of the seam graph over the open pieces are whole-raster components
+    once no piece in them needs a block that is missing (nothing can join them any more):
+    :meth:`ready` hands those out and forgets them, so the merger only holds the frontier of
+    the blocks done so far. After the last block every piece is ready. The graph's connected
+    components are scipy's (``connected_components``); the bookkeeping is ours.
+
+    ``blocks``: (y0, y1, x0, x1) windows tiling the raster on a regular grid (as
+    :func:`rasterkube.runtime.blocks.plan_blocks` makes them)."""
+
+    def __init__(self, blocks: Sequence[tuple[int, int, int, int]], connectivity: int) -> None:
+        rows = {y0: i for i, y0 in enumerate(sorted({b[0] for b in blocks}))}
+        cols = {x0: j for j, x0 in enumerate(sorted({b[2] for b in blocks}))}
+        self._pos = [(rows[b[0]], cols[b[2]]) for b in blocks]
+        self._at = {ij: k for k, ij in enumerate(self._pos)}
+        self._directions = SIDES + CORNERS if connectivity == 8 else SIDES
+        self._connectivity = connectivity
+        self._edges: dict[int, Edges] = {}  # edge strips of every added block (later seams need them)
+        self._pieces: dict[int, BlockPieces] = {}  # added blocks that still have open pieces
+        self._offset: dict[int, int] = {}  # first global piece id of each added block
+        self._n = 0  # global piece ids handed out
+        # Open pieces: sorted global ids, their block and label; seam edges between open
+        # pieces; (piece, block) pairs of the missing blocks open pieces still need.
+        self._open = np.zeros(0, np.int64)
+        self._open_block = np.zeros(0, np.int64)
+        self._open_label = np.zeros(0, np.int32)
+        self._edge_a = np.zeros(0, np.int64)
+        self._edge_b = np.zeros(0, np.int64)
+        self._need_piece = np.zeros(0, np.int64)
+        self._need_block = np.zeros(0, np.int64)
+
+    @property
+    def open_pieces(self) -> int:
+        return len(self._open)
+
+    def _neighbours(self, k: int) -> list[tuple[tuple[int, int], int]]:
+        i, j = self._pos[k]
+        return [(d, m) for d in self._directions if (m := self._at.get((i + d[0], j + d[1]))) is not None]
+
+    def _gids(self, k: int, labels: NDArray[np.int32]) -> NDArray[np.int64]:
+        return self._offset[k] + np.searchsorted(self._pieces[k].piece_labels, labels).astype(np.int64)
+
+    def add(self, k: int, block: BlockPieces) -> None:
+        """A finished block (index ``k`` in ``blocks``): its pieces and edge strips."""
+        if k in self._edges:
+            raise ValueError(f"block {k} was added twice")
+        n = len(block.piece_labels)
+        self._edges[k] = block.edges
+        self._offset[k] = self._n
+        self._n += n
+        if n:
+            self._pieces[k] = block
+            self._open = np.r_[self._open, np.arange(self._offset[k], self._n, dtype=np.int64)]
+            self._open_block = np.r_[self._open_block, np.full(n, k, np.int64)]
+            self._open_label = np.r_[self._open_label, block.piece_labels]
+        # Pieces of earlier blocks that waited for this one no longer do.
+        keep = self._need_block != k
+        need_p, need_b = [self._need_piece[keep]], [self._need_block[keep]]
+        ea, eb = [self._edge_a], [self._edge_b]
+        for d, m in self._neighbours(k) if n else ():
+            if m not in self._edges:
+                facing = np.unique(_strip(block.edges, d))
+                facing = facing[np.isin(facing, block.piece_labels)]
+                need_p.append(self._gids(k, facing))
+                need_b.append(np.full(len(facing), m, np.int64))
+            elif m in self._pieces:  # both done: match the seam (merged blocks have no pieces left on it)
+                la, lb = _facing(block.edges, self._edges[m], d, self._connectivity)
+                ea.append(self._gids(k, la))
+                eb.append(self._gids(m, lb))
+        self._need_piece, self._need_block = np.concatenate(need_p), np.concatenate(need_b)
+        self._edge_a, self._edge_b = np.concatenate(ea), np.concatenate(eb)
+
+    def ready(self) -> Groups:
+        """The groups of open pieces that nothing can join any more, numbered by their
+        smallest :func:`piece_key` (so the numbering does not depend on the order blocks
+        finished in); they are forgotten here. Once every block is added, all pieces are."""
+        n_open = len(self._open)
+        if n_open == 0:
+            return Groups.empty()
+        a = np.searchsorted(self._open, self._edge_a)
+        b = np.searchsorted(self._open, self._edge_b)
+        graph = sparse.coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n_open, n_open))
+        n_comp, comp = connected_components(graph, directed=False)
+        waiting = np.isin(self._open, self._need_piece)
+        blocked = np.bincount(comp, weights=waiting, minlength=n_comp) > 0
+        take = np.flatnonzero(~blocked[comp])
+        if not len(take):
+            return Groups.empty()
+        # Pieces block by block (the order Components are gathered in), groups by smallest key.
+        take = take[np.argsort(self._open_block[take], kind="stable")]
+        owner, labels = self._open_block[take], self._open_label[take]
+        keys = piece_key(0, labels) | (owner << 32)
+        comps, group = np.unique(comp[take], return_inverse=True)
+        first = np.full(len(comps), np.iinfo(np.int64).max)
+        np.minimum.at(first, group, keys)
+        rank = np.empty(len(comps), np.intp)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(comps))
+        blocks, starts = np.unique(owner, return_index=True)
+        pieces = Components.concat([self._pieces[int(k)].pieces.take(self._open[take[s:e]] - self._offset[int(k)])
+                                    for k, s, e in zip(blocks, starts, [*starts[1:], len(take)], strict=True)])  # fmt: skip
+        result = Groups(pieces, rank[group].astype(np.intp), len(comps), np.sort(first))
+        self._forget(take)
+        return result
+
+    def _forget(self, idx: NDArray[np.intp]) -> None:
+        """Drop the open pieces at positions ``idx`` (merged groups: complete, so no edge or
+        need links them to a piece that stays)."""
+        gids = self._open[idx]
+        keep = np.ones(len(self._open), dtype=bool)
+        keep[idx] = False
+        self._open, self._open_block = self._open[keep], self._open_block[keep]
+        self._open_label = self._open_label[keep]
+        keep = ~np.isin(self._edge_a, gids)
+        self._edge_a, self._edge_b = self._edge_a[keep], self._edge_b[keep]
+        keep = ~np.isin(self._need_piece, gids)
+        self._need_piece, self._need_block = self._need_piece[keep], self._need_block[keep]
+        for k in set(self._pieces) - set(np.unique(self._open_block).tolist()):
+            del self._pieces[k]  # every piece of block k is merged
 
 
 def group_pieces(results: Sequence[BlockPieces], blocks: Sequence[tuple[int, int, int, int]],
                  connectivity: int) -> Groups:  # fmt: skip
     """The pieces of all blocks (in the order of ``results``) and the whole-raster component
-    each belongs to: the seam graph's connected components.
-
-    ``blocks`` are (y0, y1, x0, x1) windows tiling the raster on a regular grid (as
-    :func:`rasterkube.runtime.blocks.plan_blocks` makes them), in the order of ``results``."""
-    nodes: list[_Node] = []
-    offset = 0
-    for r in results:
-        nodes.append(_Node(offset, r.piece_labels))
-        offset += len(r.piece_labels)
-    pieces = Components.concat([r.pieces for r in results])
-    if offset == 0:
-        return Groups(pieces, np.zeros(0, np.intp), 0)
-    rows = {y0: i for i, y0 in enumerate(sorted({b[0] for b in blocks}))}
-    cols = {x0: j for j, x0 in enumerate(sorted({b[2] for b in blocks}))}
-    at = {(rows[b[0]], cols[b[2]]): k for k, b in enumerate(blocks)}
-    src: list[NDArray[np.intp]] = []
-    dst: list[NDArray[np.intp]] = []
-
-    def link(k: int, la: NDArray[np.int32], m: int, lb: NDArray[np.int32]) -> None:
-        src.append(nodes[k].ids(la))
-        dst.append(nodes[m].ids(lb))
-
-    for (i, j), k in at.items():
-        e = results[k].edges
-        if (m := at.get((i, j + 1))) is not None:
-            a, b = seam_pairs(e.right, results[m].edges.left, connectivity)
-            link(k, a, m, b)
-        if (m := at.get((i + 1, j))) is not None:
-            a, b = seam_pairs(e.bottom, results[m].edges.top, connectivity)
-            link(k, a, m, b)
-        if connectivity == 8:
-            # Across a block corner: only the two corner pixels touch (diagonally).
-            if (m := at.get((i + 1, j + 1))) is not None and e.bottom[-1] > 0 and results[m].edges.top[0] > 0:
-                link(k, e.bottom[-1:], m, results[m].edges.top[:1])
-            if (m := at.get((i + 1, j - 1))) is not None and e.bottom[0] > 0 and results[m].edges.top[-1] > 0:
-                link(k, e.bottom[:1], m, results[m].edges.top[-1:])
-    s, d = np.concatenate(src), np.concatenate(dst)
-    graph = sparse.coo_matrix((np.ones(len(s), np.int8), (s, d)), shape=(offset, offset))
-    n_groups, group = connected_components(graph, directed=False)
-    return Groups(pieces, group.astype(np.intp), int(n_groups))
+    each belongs to: a :class:`SeamMerger` given every block."""
+    merger = SeamMerger(blocks, connectivity)
+    for k, r in enumerate(results):
+        merger.add(k, r)
+    return merger.ready()
 
 
 @dataclass(frozen=True)
 class Groups:
-    """Pieces (pixel coordinates) and the merged component ``group[i]`` of piece i, 0..n-1."""
+    """Pieces (pixel coordinates) and the merged component ``group[i]`` of piece i, 0..n-1;
+    ``keys[g]``: the smallest :func:`piece_key` of group g (non-decreasing), so merged
+    components can be put in an order that does not depend on how the blocks finished."""
 
     pieces: Components
     group: NDArray[np.intp]
     n_groups: int
+    keys: NDArray[np.int64]
+
+    @classmethod
+    def empty(cls) -> Groups:
+        return cls(Components.concat([]), np.zeros(0, np.intp), 0, np.zeros(0, np.int64))
+
+    @classmethod
+    def concat(cls, parts: Sequence[Groups]) -> Groups:
+        offsets = np.cumsum([0, *(p.n_groups for p in parts)])
+        return cls(Components.concat([p.pieces for p in parts]),
+                   np.concatenate([np.zeros(0, np.intp), *(p.group + o for p, o in zip(parts, offsets, strict=False))]),
+                   int(offsets[-1]), np.concatenate([np.zeros(0, np.int64), *(p.keys for p in parts)]))  # fmt: skip
+
+    def cost(self) -> int:
+        """Vertices to union: what a merge task's time follows."""
+        return int(shapely.get_num_coordinates(self.pieces.geometry).sum()) if len(self.pieces) else 0
 
     def split(self, k: int) -> list[Groups]:
         """At most ``k`` parts, each a run of whole groups with about the same number of
@@ -569,7 +717,7 @@ class Groups:
         parts = []
         for g0, g1 in itertools.pairwise(edges):
             idx = np.flatnonzero((self.group >= g0) & (self.group < g1))
-            parts.append(Groups(self.pieces.take(idx), self.group[idx] - g0, g1 - g0))
+            parts.append(Groups(self.pieces.take(idx), self.group[idx] - g0, g1 - g0, self.keys[g0:g1]))
         return parts
 
 
@@ -703,6 +851,10 @@ class Rows:
                    shapely.get_type_id(f.geometry).astype(np.int8), f.moments, f.area_m2,
                    shapely.to_wkb(f.centerline, flavor="iso"), shapely.get_type_id(f.centerline).astype(np.int8))  # fmt: skip
 
+    def take(self, idx: NDArray[np.intp]) -> Rows:
+        return Rows(self.wkb[idx], self.bbox[idx], self.type_id[idx], self.moments.take(idx), self.area_m2[idx],
+                    self.centerline[idx], self.centerline_type_id[idx])  # fmt: skip
+
     @classmethod
     def concat(cls, parts: Sequence[Rows]) -> Rows:
         def cat(name: str, empty: NDArray[Any]) -> NDArray[Any]:
@@ -720,11 +872,16 @@ def finish(c: Components, f: Finish) -> Features:
 
     The simplification is topology-preserving *across* polygons (:func:`simplify`), so it
     must see every polygon of one band and time step in one call."""
+    return finish_kept(c, f)[1]
+
+
+def finish_kept(c: Components, f: Finish) -> tuple[NDArray[np.intp], Features]:
+    """:func:`finish`, with the indices of the components that stayed (``min_area``)."""
     geoms = simplify(c.geometry, f.simplify_tolerance)
     area = area_m2(geoms, f.src_crs) if len(geoms) else np.zeros(0)
     keep = np.flatnonzero(area >= f.min_area) if f.min_area > 0 else np.arange(len(geoms))
-    return Features(reproject(geoms[keep], f.src_crs, f.dst_crs), c.moments.take(keep), area[keep],
-                    reproject(c.centerline[keep], f.src_crs, f.dst_crs))  # fmt: skip
+    return keep, Features(reproject(geoms[keep], f.src_crs, f.dst_crs), c.moments.take(keep), area[keep],
+                          reproject(c.centerline[keep], f.src_crs, f.dst_crs))  # fmt: skip
 
 
 @lru_cache(maxsize=16)
