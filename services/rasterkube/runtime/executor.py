@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -83,11 +84,18 @@ def default_in_flight() -> int:
 
 
 def _remote(task: Callable[..., T], num_cpus: float, max_retries: int) -> Any:
+    return _cached_remote(task, num_cpus, max_retries, tuple(sorted(carried_env().items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_remote(task: Callable[..., T], num_cpus: float, max_retries: int, env: tuple[tuple[str, str], ...]) -> Any:
+    """One Ray remote function per task and options: Ray pickles a function when it is first
+    called remotely, so a new one per call to run_blocks cost every job that again."""
     return ray.remote(task).options(
         num_cpus=num_cpus,
         max_retries=max_retries,
         retry_exceptions=False,
-        runtime_env={"env_vars": carried_env()},
+        runtime_env={"env_vars": dict(env)},
     )
 
 

@@ -627,11 +627,14 @@ class SeamMerger:
         n_open = len(self._open)
         if n_open == 0:
             return Groups.empty()
+        waiting = np.zeros(n_open, dtype=bool)
+        waiting[np.searchsorted(self._open, self._need_piece)] = True
+        if waiting.all():
+            return Groups.empty()
         a = np.searchsorted(self._open, self._edge_a)
         b = np.searchsorted(self._open, self._edge_b)
-        graph = sparse.coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n_open, n_open))
+        graph = sparse.csr_array((np.ones(len(a), np.int8), (a, b)), shape=(n_open, n_open))
         n_comp, comp = connected_components(graph, directed=False)
-        waiting = np.isin(self._open, self._need_piece)
         blocked = np.bincount(comp, weights=waiting, minlength=n_comp) > 0
         take = np.flatnonzero(~blocked[comp])
         if not len(take):
@@ -655,15 +658,14 @@ class SeamMerger:
     def _forget(self, idx: NDArray[np.intp]) -> None:
         """Drop the open pieces at positions ``idx`` (merged groups: complete, so no edge or
         need links them to a piece that stays)."""
-        gids = self._open[idx]
-        keep = np.ones(len(self._open), dtype=bool)
-        keep[idx] = False
-        self._open, self._open_block = self._open[keep], self._open_block[keep]
-        self._open_label = self._open_label[keep]
-        keep = ~np.isin(self._edge_a, gids)
+        stays = np.ones(len(self._open), dtype=bool)
+        stays[idx] = False
+        keep = stays[np.searchsorted(self._open, self._edge_a)]
         self._edge_a, self._edge_b = self._edge_a[keep], self._edge_b[keep]
-        keep = ~np.isin(self._need_piece, gids)
+        keep = stays[np.searchsorted(self._open, self._need_piece)]
         self._need_piece, self._need_block = self._need_piece[keep], self._need_block[keep]
+        self._open, self._open_block = self._open[stays], self._open_block[stays]
+        self._open_label = self._open_label[stays]
         for k in set(self._pieces) - set(np.unique(self._open_block).tolist()):
             del self._pieces[k]  # every piece of block k is merged
 
