@@ -55,6 +55,15 @@ class PeakRss:
         return round(self.peak / 2**20, 1)
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine so far: busy is user + nice + system +
+    irq + softirq over all cores; steal is time the hypervisor gave our vCPUs to others (a
+    shared VM's noise, made visible)."""
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+    return busy, getattr(t, "steal", 0.0)
+
+
 def emit(report: dict[str, Any], json_path: str | None) -> None:
     """Print the report as JSON, and write it to ``json_path`` if given."""
     text = json.dumps(report, indent=2)

@@ -12,7 +12,9 @@ unit tests prove the geometries identical. DESIGN §5 target: ≥ 1.5×.
 
 The machine is shared: ``machine_check`` (before and after) runs the same polygonization
 work in one and in two processes at once; its ``two_process_speedup`` is what 2 workers can
-get at all right now (≈1.0 when others keep a core busy), so read the job's speedup with it.
+get at all right now (≈1.0 when others keep a core busy), so read the job's speedup with it;
+per pair the steal time (CPU the hypervisor gave to other VMs) and the machine's busy CPU
+seconds for each side (the work each does, whatever the neighbours do) are reported too.
 
 Memory: the job entrypoint (``python -m rasterkube.jobs vectorization``, its own embedded Ray)
 on stores of side S and 2·S, RSS of the whole process tree sampled every 50 ms, as in
@@ -33,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, run_job_process  # noqa: E402
+from _common import emit, machine_cpu, run_job_process  # noqa: E402
 from helpers.stores import grid, write_store  # noqa: E402
 
 THRESHOLD = 0.5
@@ -90,31 +92,50 @@ def throughput(tmp: str, side: int, chunk: int, repeats: int) -> dict:
     req = JobRequest(resource=resource(src), output_uri=str(Path(tmp) / "tp.parquet"), source_uri=src)
     run_job(req)  # warm the workers
     job_s, base_s, phases = [], [], []
+    job_cpu, base_cpu, steal = [], [], []
     count = base_count = 0
     for _ in range(repeats):
         marks: dict[str, float] = {}
         reporter = CallbackReporter(lambda pct, msg: marks.setdefault(msg.split()[0], time.perf_counter()))
+        cpu0 = machine_cpu()
         start = time.perf_counter()
         count = run_job(req, reporter).summary["feature_count"]
         end = time.perf_counter()
+        cpu1 = machine_cpu()
         job_s.append(end - start)
         # progress messages: "polygonizing blocks" … "merging …" (90 %) … "writing …" (95 %) … "wrote …"
         phases.append({"blocks": marks["merging"] - start, "merge": marks["writing"] - marks["merging"],
                        "write": end - marks["writing"]})  # fmt: skip
         seconds, base_count = baseline(data)
+        cpu2 = machine_cpu()
         base_s.append(seconds)
+        job_cpu.append(cpu1[0] - cpu0[0])
+        base_cpu.append(cpu2[0] - cpu1[0])
+        steal.append(cpu2[1] - cpu0[1])
     ray.shutdown()
     assert count == base_count, f"different polygon counts: job {count}, shapes {base_count}"
     job, base = min(job_s), min(base_s)
+    paired = float(np.median(np.asarray(base_s) / np.asarray(job_s)))
     phase = {k: round(v, 3) for k, v in phases[int(np.argmin(job_s))].items()}
     return {"side": side, "pixels": side * side, "polygons": count, "job_seconds": round(job, 3),
             "shapes_seconds": round(base, 3), "job_mpix_per_s": round(side * side / job / 1e6, 2),
             "shapes_mpix_per_s": round(side * side / base / 1e6, 2), "speedup": round(base / job, 3),
-            "target_speedup": 1.5, "meets_target": base / job >= 1.5, "job_phases_seconds": phase,
+            "target_speedup": 1.5, "job_phases_seconds": phase,
             # Each repeat times the job and the baseline back to back: on a machine with noisy
             # neighbours the median of these paired ratios is steadier than best / best.
             "paired_speedups": [round(b / j, 3) for b, j in zip(base_s, job_s, strict=True)],
-            "paired_speedup_median": round(float(np.median(np.asarray(base_s) / np.asarray(job_s))), 3),
+            "paired_speedup_median": round(paired, 3),
+            # Judged on the paired median: best-of-N on each side pits the baseline's quietest
+            # moment for one core against the job's for two, and on a VM with neighbours those
+            # are seldom the same moment.
+            "meets_target": paired >= 1.5,
+            # CPU seconds the whole machine was busy (everything on it: the job's driver, Ray,
+            # its workers; the baseline's one process), medians: the work each side does,
+            # whatever the neighbours do. 2 × shapes / job is what two free cores would give.
+            "job_cpu_seconds": round(float(np.median(job_cpu)), 3),
+            "shapes_cpu_seconds": round(float(np.median(base_cpu)), 3),
+            "two_core_bound": round(2 * float(np.median(base_cpu)) / float(np.median(job_cpu)), 3),
+            "steal_seconds_per_pair": [round(s, 3) for s in steal],
             "load_average_1m_before": round(load, 2)}  # fmt: skip
 
 
@@ -161,7 +182,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=4096, help="throughput raster side in pixels")
     parser.add_argument("--mem-side", type=int, default=2048, help="side of the small memory AOI (large = 2×)")
     parser.add_argument("--chunk", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7, help="job/baseline pairs (the ratio is their median)")
     parser.add_argument("--block-side", type=int, default=None,
                         help="override the job's target block side (service.BLOCK_SIDE) in the throughput run")
     parser.add_argument("--no-memory", action="store_true", help="throughput only")
@@ -187,7 +208,7 @@ def main() -> None:
         "workload": {"threshold": THRESHOLD, "connectivity": 4, "chunk": args.chunk, "dtype": "float32",
                      "block_side": service.BLOCK_SIDE,
                      "field": "smoothed random field (blobs with holes)"},  # fmt: skip
-        "throughput": {**tp, "measured": "best of repeats; job = run_job on warm embedded Ray (2 CPUs) incl. "
+        "throughput": {**tp, "measured": "seconds: best of repeats; speedup: best / best; paired: per repeat; job = run_job on warm embedded Ray (2 CPUs) incl. "
                                           "zarr read, stats, merge and GeoParquet write; shapes = one call + shapely"},
         "memory": {**memory, "area_ratio": 4.0, "peak_rss_ratio": round(ratio, 3), "target_peak_rss_ratio": 1.25,
                    "meets_target": ratio <= 1.25,
