@@ -218,7 +218,10 @@ def test_cli_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "not a GeoZarr store" in capsys.readouterr().err
 
 
-def test_view_command_serves_until_stopped(plain: str, url: str) -> None:
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_view_command_serves_until_stopped(plain: str, url: str, stop: str) -> None:
+    """Served until Ctrl-C or SIGTERM, also when started the way a non-interactive shell
+    starts a background job (SIGINT inherited as ignored)."""
     import re
     import signal
     import subprocess
@@ -227,7 +230,8 @@ def test_view_command_serves_until_stopped(plain: str, url: str) -> None:
     busy_port = url.rstrip("/").rsplit(":", 1)[1]
     assert main(["view", plain, "--no-browser", "--port", busy_port]) == 2  # in use: says so
     cmd = [sys.executable, "-m", "rasterkube.cli", "view", plain, "--no-browser", "--port", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -236,8 +240,11 @@ def test_view_command_serves_until_stopped(plain: str, url: str) -> None:
         layers = json.loads(get(m.group(1) + "api/layers")[2])["layers"]
         assert [layer["id"] for layer in layers] == ["plain"]
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(20) == 0
+        proc.send_signal(getattr(signal, stop))
+        try:
+            assert proc.wait(20) == 0
+        finally:
+            proc.kill()
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ fetched from the internet. :func:`screenshot` renders the page in a headless Chr
 
 from __future__ import annotations
 
+import signal
 import webbrowser
 from pathlib import Path
 from typing import Final
@@ -27,17 +28,29 @@ __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "BackgroundServer", "make_server", "s
 
 
 def serve(paths: list[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, open_browser: bool = True) -> None:
-    """Serve the viewer until interrupted (Ctrl-C)."""
+    """Serve the viewer until interrupted: Ctrl-C (SIGINT) or SIGTERM (``kill``, a process
+    manager). Both are handled explicitly — a process started in the background by a
+    non-interactive shell inherits SIGINT as *ignored*, and would otherwise never stop."""
     server = make_server(paths, host, port, quiet=True)
     print(f"rasterkube view: {server.url}  ({len(server.layers)} layers; Ctrl-C to stop)", flush=True)
     if open_browser:
         webbrowser.open(server.url)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         server.server_close()
+
+
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def screenshot(paths: list[str], out: str | Path, width: int = 1200, height: int = 800, timeout: float = 60.0) -> Path:
