@@ -21,11 +21,13 @@ flat in the AOI size). Per block (:func:`polygonize_block`):
 
 Then (:func:`merge_pieces`):
 
-5. On the driver (:func:`group_pieces`): adjacent foreground pixels across every seam (side
-   by side for 4-connectivity; plus the two diagonals and the block corners for 8) give
-   edges between pieces; the connected components of that graph
-   (``scipy.sparse.csgraph.connected_components``, the library's union-find) are the
-   whole-raster components.
+5. On the driver, as blocks finish in any order (:class:`SeamMerger`): adjacent foreground
+   pixels across every seam between two finished blocks (side by side for 4-connectivity;
+   plus the two diagonals and the block corners for 8) give edges between pieces; the
+   connected components of that graph (``scipy.sparse.csgraph.connected_components``, the
+   library's union-find) are whole-raster components as soon as none of their pieces touches
+   an edge whose neighbour block is still missing — those are handed out for merging while
+   the other blocks run (:func:`group_pieces`: the same for all blocks at once).
 6. In parallel tasks over runs of whole groups (:meth:`Groups.split`, :func:`merge_groups`):
    the geometry of a merged component is the union of its pieces. This is exact: the pieces
    are valid polygons with integer coordinates and axis-parallel edges, so every node the
@@ -50,7 +52,8 @@ back on its bounding box gives exactly their pixels). Same pixels, same lines, b
 not; memory follows the largest component's bounding box.
 
 Hand-written where a library does it: the seam matching (:func:`seam_pairs`; the union-find
-itself is scipy's), the affine mapping (:func:`pixel_to_world`, instead of
+itself is scipy's) and the bookkeeping of which groups are complete (:class:`SeamMerger`),
+the affine mapping (:func:`pixel_to_world`, instead of
 ``shapely.affinity.affine_transform``, to reproduce GDAL's float arithmetic exactly), the
 GeoJSON → shapely conversion (:func:`polygonize_labels`, vectorized), Chan's moment
 update (:func:`combine_moments`), the skeleton tracing (:func:`skeleton_lines`) and the
@@ -187,10 +190,13 @@ def combine_moments(m: Moments, group: NDArray[np.intp], n_groups: int) -> Momen
 
 
 def polygonize_labels(labels: NDArray[np.int32], n: int, connectivity: int, origin: tuple[int, int] = (0, 0),
-                      mask: NDArray[np.bool_] | None = None) -> Geoms:  # fmt: skip
+                      mask: NDArray[np.bool_] | None = None,
+                      world: tuple[NDArray[np.bool_], Transform] | None = None) -> Geoms:  # fmt: skip
     """One polygon per component (index i ↔ label i+1), in pixel coordinates of the whole
     raster (``origin`` = (row, col) of the block), i.e. on the integer lattice; ``mask``:
-    ``labels > 0`` when the caller has it.
+    ``labels > 0`` when the caller has it. ``world = (in_crs, transform)``: the components
+    where ``in_crs`` is True come in CRS coordinates instead (:func:`pixel_to_world`'s
+    arithmetic, bit for bit).
 
     ``rasterio.features.shapes`` (GDAL's polygonizer) traces the rings; the GeoJSON it yields
     is turned into shapely polygons in one vectorized call (what ``shapely.geometry.shape``
@@ -214,10 +220,17 @@ def polygonize_labels(labels: NDArray[np.int32], n: int, connectivity: int, orig
     ring_sizes = np.fromiter(map(len, rings), dtype=np.intp, count=len(rings))
     flat = itertools.chain.from_iterable(itertools.chain.from_iterable(rings))
     coords = np.fromiter(flat, dtype=np.float64, count=2 * int(ring_sizes.sum())).reshape(-1, 2)
-    rings_arr = shapely.linearrings(coords, indices=np.repeat(np.arange(len(ring_sizes)), ring_sizes))
+    vertex_ring = np.repeat(np.arange(len(ring_sizes)), ring_sizes)
+    ring_polygon = np.repeat(np.arange(len(values)), rings_per_polygon)
+    component = np.asarray(values, dtype=np.int64) - 1
+    if world is not None:
+        # Straight to CRS coordinates where asked: no shapely.transform round trip later.
+        in_crs, crs_transform = world
+        sel = in_crs[component][ring_polygon][vertex_ring]
+        coords[sel] = _apply_transform(coords[sel], crs_transform)
+    rings_arr = shapely.linearrings(coords, indices=vertex_ring)
     # With indices, the first ring of each polygon is its shell and the others its holes.
-    polys = shapely.polygons(rings_arr, indices=np.repeat(np.arange(len(values)), rings_per_polygon))
-    geoms[np.asarray(values, dtype=np.int64) - 1] = polys
+    geoms[component] = shapely.polygons(rings_arr, indices=ring_polygon)
     return geoms
 
 
@@ -300,13 +313,14 @@ def drop_collinear(geoms: Geoms) -> Geoms:
 def pixel_to_world(geoms: Geoms, transform: Transform) -> Geoms:
     """Pixel (col, row) → CRS coordinates with GDAL's arithmetic (``c + col·a + row·b``), so
     coordinates are bit-identical to what GDAL writes for a georeferenced raster."""
+    return shapely.transform(geoms, lambda xy: _apply_transform(xy, transform))
+
+
+def _apply_transform(xy: NDArray[np.float64], transform: Transform) -> NDArray[np.float64]:
+    """(col, row) → (x, y) exactly as GDAL computes it: ``c + col·a + row·b``."""
     a, b, c, d, e, f = transform
-
-    def apply(xy: NDArray[np.float64]) -> NDArray[np.float64]:
-        col, row = xy[:, 0], xy[:, 1]
-        return np.column_stack([c + col * a + row * b, f + col * d + row * e])
-
-    return shapely.transform(geoms, apply)
+    col, row = xy[:, 0], xy[:, 1]
+    return np.column_stack([c + col * a + row * b, f + col * d + row * e])
 
 
 def canonical(geoms: Geoms, transform: Transform | None = None, checked: bool = False) -> Geoms:
@@ -410,11 +424,13 @@ def polygonize_block(values: NDArray[np.number], threshold: float, connectivity:
     fg = foreground(values, threshold, nodata)
     labels, n = label_components(fg, connectivity)
     moments = component_moments(values, labels, n, fg)
-    geoms = polygonize_labels(labels, n, connectivity, origin=(block[0], block[2]), mask=fg)
     edges = Edges.of(labels)
     on_edge = internal_edge_labels(edges, block, shape)
     is_piece = np.zeros(n, dtype=bool)
     is_piece[on_edge - 1] = True
+    # Pieces stay on the pixel lattice (exact unions); finished components go to CRS now.
+    geoms = polygonize_labels(labels, n, connectivity, origin=(block[0], block[2]), mask=fg,
+                              world=(~is_piece, transform))  # fmt: skip
     whole = Components(geoms, moments, _nones(n))
     inner_idx = np.flatnonzero(~is_piece)
     inner = whole.take(inner_idx)
@@ -422,7 +438,7 @@ def polygonize_block(values: NDArray[np.number], threshold: float, connectivity:
     if centerlines and len(inner_idx):
         lines = component_centerlines(labels, inner_idx + 1, origin=(block[0], block[2]))
         lines = shapely.normalize(pixel_to_world(lines, transform))
-    final = Components(canonical(inner.geometry, transform, checked=connectivity == 4), inner.moments, lines)
+    final = Components(canonical(inner.geometry, checked=connectivity == 4), inner.moments, lines)
     pieces = whole.take(on_edge - 1)
     return BlockPieces(final, Components(make_valid(pieces.geometry), pieces.moments, pieces.centerline),
                        on_edge, edges)  # fmt: skip

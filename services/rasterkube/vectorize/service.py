@@ -13,8 +13,10 @@ to it (:func:`pmtiles_uri`), committed the same way.
 Work split (for throughput on few cores): block tasks read, threshold, label, polygonize,
 finish (area, reprojection) and encode their interior polygons as Arrow-ready columns (WKB,
 bounding boxes: :class:`~rasterkube.vectorize.polygons.Rows`), so the driver never decodes
-them; the driver builds the seam graph of the edge pieces, tasks union the merged components,
-and the driver concatenates, Hilbert-sorts on the boxes and writes the Parquet file with
+them; as blocks finish, the driver matches the seams of the edge pieces
+(:class:`~rasterkube.vectorize.polygons.SeamMerger`) and starts tasks that union every
+group no missing block can join any more — next to the remaining block tasks, so after the
+last block only what it completed is left to merge; then the driver concatenates, Hilbert-sorts on the boxes and writes the Parquet file with
 pyarrow (the GeoParquet metadata written here, :func:`geo_metadata`). Only a
 ``simplifyTolerance`` brings all polygons of a band to the driver as geometries, because the
 topology-preserving simplification must see them together.
