@@ -159,9 +159,6 @@ class TaskGroup:
     def submit(self, item: Any) -> None:
         self._refs.append(self._remote.remote(item, *self._shared))
 
-    def __len__(self) -> int:
-        return len(self._refs)
-
     def results(self, reporter: Reporter | None = None, message: str = "processing") -> list[Any]:
         reporter = reporter or NullReporter()
         total, left = len(self._refs), list(self._refs)

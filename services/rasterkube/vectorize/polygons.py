@@ -552,10 +552,10 @@ def _facing(a: Edges, b: Edges, direction: tuple[int, int], connectivity: int) -
     return la[both], lb[both]
 
 
-def piece_key(block: int, label: NDArray[np.int32] | int) -> NDArray[np.int64]:
-    """A piece's identity that does not depend on the order blocks finish in: (block index,
+def piece_key(block: NDArray[np.int64], label: NDArray[np.int32]) -> NDArray[np.int64]:
+    """Pieces' identities that do not depend on the order blocks finish in: (block index,
     label). A merged component is known by the smallest key of its pieces."""
-    return (np.int64(block) << 32) | np.asarray(label, dtype=np.int64)
+    return (np.asarray(block, dtype=np.int64) << 32) | np.asarray(label, dtype=np.int64)
 
 
 class SeamMerger:
@@ -657,8 +657,8 @@ class SeamMerger:
             return Groups.empty()
         # Pieces block by block (the order Components are gathered in), groups by smallest key.
         take = take[np.argsort(self._open_block[take], kind="stable")]
-        owner, labels = self._open_block[take], self._open_label[take]
-        keys = piece_key(0, labels) | (owner << 32)
+        owner = self._open_block[take]
+        keys = piece_key(owner, self._open_label[take])
         comps, group = np.unique(comp[take], return_inverse=True)
         first = np.full(len(comps), np.iinfo(np.int64).max)
         np.minimum.at(first, group, keys)

@@ -16,8 +16,9 @@ bounding boxes: :class:`~rasterkube.vectorize.polygons.Rows`), so the driver nev
 them; as blocks finish, the driver matches the seams of the edge pieces
 (:class:`~rasterkube.vectorize.polygons.SeamMerger`) and starts tasks that union every
 group no missing block can join any more — next to the remaining block tasks, so after the
-last block only what it completed is left to merge; then the driver concatenates, Hilbert-sorts on the boxes and writes the Parquet file with
-pyarrow (the GeoParquet metadata written here, :func:`geo_metadata`). Only a
+last block only what it completed is left to merge; then the driver concatenates,
+Hilbert-sorts on the boxes and writes the Parquet file with pyarrow (the GeoParquet
+metadata written here, :func:`geo_metadata`). Only a
 ``simplifyTolerance`` brings all polygons of a band to the driver as geometries, because the
 topology-preserving simplification must see them together.
 
@@ -52,6 +53,8 @@ BLOCK_SIDE: Final = 1024
 # Share of the progress bar for the block tasks; the merge and the write take the rest.
 BLOCKS_PERCENT: Final = 90.0
 GEOPARQUET_VERSION: Final = "1.1.0"
+# geopandas' hilbert_distance default (its maximum): 2^16 cells a side.
+HILBERT_LEVEL: Final = 16
 # Vertices of complete groups gathered before a merge task is started while blocks still run:
 # a few ms of unions per task, so the task overhead stays small next to the work.
 MERGE_TASK_VERTICES: Final = 8_000
@@ -220,6 +223,7 @@ def run(
     # only the groups it completes are left to merge.
     mergers = {tf: P.SeamMerger(windows, spec.connectivity) for tf in bands}
     waiting: dict[tuple[int, int], list[P.Groups]] = {tf: [] for tf in bands}
+    waiting_vertices = dict.fromkeys(bands, 0)
     keys: list[tuple[int, int]] = []  # (time, feature) of each merge task, in submission order
 
     with TaskGroup(merge_part, params, num_cpus=spec.resources.cpus) as merges:
@@ -233,9 +237,10 @@ def run(
                 mergers[t, f].add(index, output.pieces[t][f])
                 if (ready := mergers[t, f].ready()).n_groups:
                     waiting[t, f].append(ready)
-                if sum(g.cost() for g in waiting[t, f]) >= MERGE_TASK_VERTICES:
+                    waiting_vertices[t, f] += ready.cost()
+                if waiting_vertices[t, f] >= MERGE_TASK_VERTICES:
                     submit((t, f), P.Groups.concat(waiting[t, f]))
-                    waiting[t, f] = []
+                    waiting[t, f], waiting_vertices[t, f] = [], 0
 
         outputs = run_blocks(vectorize_block, blocks, params, num_cpus=spec.resources.cpus,
                              max_in_flight=ctx.max_in_flight, reporter=ScaledReporter(reporter, 0, BLOCKS_PERCENT),
@@ -372,9 +377,8 @@ def hilbert_order(bbox: np.ndarray) -> np.ndarray:
 
         boxes = gpd.GeoSeries(shapely.box(bbox[:, 0], bbox[:, 1], bbox[:, 2], bbox[:, 3]))
         return np.argsort(boxes.hilbert_distance().to_numpy(), kind="stable")
-    level = 16
-    x, y = _continuous_to_discrete_coords(np.asarray(bbox, dtype=np.float64), level, None)
-    return np.argsort(_encode(level, x, y), kind="stable")
+    x, y = _continuous_to_discrete_coords(np.asarray(bbox, dtype=np.float64), HILBERT_LEVEL, None)
+    return np.argsort(_encode(HILBERT_LEVEL, x, y), kind="stable")
 
 
 GEOMETRY_TYPES: Final = {0: "Point", 1: "LineString", 3: "Polygon", 4: "MultiPoint", 5: "MultiLineString",
