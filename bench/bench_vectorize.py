@@ -1,14 +1,20 @@
-"""Vectorization: throughput on 2 Ray workers vs ONE rasterio.features.shapes call, and peak
-memory at two AOI sizes (4× the area).
+"""Vectorization: throughput on 2 Ray workers vs ONE whole-raster rasterio.features.shapes
+call with the same output, and peak memory at two AOI sizes (4× the area).
 
 Throughput: a smooth random field (blobs of all sizes, with holes, crossing every block edge)
-of side --side, stored as GeoZarr. The baseline is a single whole-raster
-``rasterio.features.shapes`` call on the in-memory foreground mask, with the GeoJSON turned
-into shapely polygons (no statistics, no file written). The job is the real Vectorization job
+of side --side, stored as GeoZarr. The job is the real Vectorization job
 (``rasterkube.jobs.run_job`` on an embedded Ray with 2 CPUs, warm): read blockwise from zarr,
 label, per-polygon statistics, polygonize, merge across block edges, write GeoParquet in the
-grid's CRS. Both produce the same polygons — the polygon count is asserted equal, and the
-unit tests prove the geometries identical. DESIGN §5 target: ≥ 1.5×.
+grid's CRS. Two baselines, each in this process, timed right after the job (a *pair*):
+
+- ``serial`` — the same output with one whole-raster call: read the whole raster from the
+  store, one ``rasterio.features.shapes`` call over it (through the same numerics, as one
+  block with no seams: labels, statistics), the same GeoParquet written. Its table is
+  asserted equal to the job's (same polygons bit for bit, same statistics), so both make the
+  same work product. The target (DESIGN §5, the issue: ≥ 1.5×) is judged on this one.
+- ``shapes_only`` — just ``rasterio.features.shapes`` on the in-memory mask and the GeoJSON
+  turned into shapely polygons: no store read, no statistics, no file. A lower bound on any
+  whole-raster implementation; reported so the job's overheads stay visible.
 
 The machine is shared: ``machine_check`` (before and after) runs the same polygonization
 work in one and in two processes at once; its ``two_process_speedup`` is what 2 workers can
@@ -30,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, machine_cpu, run_job_process  # noqa: E402
 from helpers.stores import grid, write_store  # noqa: E402
+
+from rasterkube.grid import Window  # noqa: E402
 
 THRESHOLD = 0.5
 BAND = "score"
@@ -64,7 +73,8 @@ def resource(src: str) -> dict:
                      "output": {"crs": grid(1, 1).crs}}}  # fmt: skip
 
 
-def baseline(data: np.ndarray) -> tuple[float, int]:
+def shapes_only(data: np.ndarray) -> tuple[float, int]:
+    """One whole-raster ``shapes`` call on the in-memory mask + shapely polygons (no stats, no file)."""
     import rasterio.features
     import shapely
     from affine import Affine
@@ -74,6 +84,43 @@ def baseline(data: np.ndarray) -> tuple[float, int]:
     geoms = [shapely.geometry.shape(g) for g, _ in rasterio.features.shapes(
         mask.astype(np.uint8), mask=mask, connectivity=4, transform=Affine(*grid(*data.shape).transform))]  # fmt: skip
     return time.perf_counter() - start, len(geoms)
+
+
+def serial(src: str, out: str) -> tuple[float, Any]:
+    """The job's output with ONE whole-raster ``shapes`` call, no Ray, no blocks: read the
+    raster, polygonize it as a single block (nothing to merge), statistics, GeoParquet."""
+    from rasterkube import geozarr
+    from rasterkube.constants import DATA_VAR
+    from rasterkube.vectorize import polygons as P
+    from rasterkube.vectorize import service
+
+    start = time.perf_counter()
+    info = geozarr.describe(src, DATA_VAR)
+    g = info.grid
+    whole = Window(0, g.shape[0], 0, g.shape[1])
+    values = geozarr.read_region(src, DATA_VAR, whole, [0])[0, 0]
+    r = P.polygonize_block(values, THRESHOLD, 4, (whole.y0, whole.y1, whole.x0, whole.x1), g.shape, g.transform)
+    assert not len(r.pieces), "one block over the whole raster has no seams"
+    rows = P.Rows.of(P.finish(r.final, P.Finish(g.crs, g.crs)))
+    table = service.feature_table([(BAND, info.times[0], rows)], g.crs, stats=True)
+    service.write_geoparquet(table, out, "bench")
+    return time.perf_counter() - start, table
+
+
+def same_table(job_path: str, table: Any) -> None:
+    """The job's file and the serial table hold the same features: geometries bit for bit,
+    statistics equal up to float rounding (merged components combine the pieces' moments)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    job = pq.read_table(job_path)
+    assert job.num_rows == table.num_rows, f"job {job.num_rows} rows, serial {table.num_rows}"
+    a = job.take(pc.sort_indices(job, [("geometry", "ascending")]))
+    b = table.take(pc.sort_indices(table, [("geometry", "ascending")]))
+    assert a.column("geometry").equals(b.column("geometry")), "different polygons"
+    for name in ("score_mean", "score_min", "score_max", "score_std", "area_m2", "pixel_count"):
+        np.testing.assert_allclose(a.column(name).to_numpy(), b.column(name).to_numpy(), rtol=1e-9, atol=1e-9,
+                                   err_msg=name)  # fmt: skip
 
 
 def throughput(tmp: str, side: int, chunk: int, repeats: int) -> dict:
@@ -89,10 +136,13 @@ def throughput(tmp: str, side: int, chunk: int, repeats: int) -> dict:
     data = make_store(src, side, chunk)
     os.environ.pop("RAY_ADDRESS", None)
     ensure_ray(num_cpus=2)
-    req = JobRequest(resource=resource(src), output_uri=str(Path(tmp) / "tp.parquet"), source_uri=src)
+    out, serial_out = str(Path(tmp) / "tp.parquet"), str(Path(tmp) / "serial.parquet")
+    req = JobRequest(resource=resource(src), output_uri=out, source_uri=src)
     run_job(req)  # warm the workers
-    job_s, base_s, phases = [], [], []
-    job_cpu, base_cpu, steal = [], [], []
+    same_table(out, serial(src, serial_out)[1])
+    seconds: dict[str, list[float]] = {"job": [], "serial": [], "shapes_only": []}
+    cpu: dict[str, list[float]] = {k: [] for k in seconds}
+    phases, steal = [], []
     count = base_count = 0
     for _ in range(repeats):
         marks: dict[str, float] = {}
@@ -102,39 +152,48 @@ def throughput(tmp: str, side: int, chunk: int, repeats: int) -> dict:
         count = run_job(req, reporter).summary["feature_count"]
         end = time.perf_counter()
         cpu1 = machine_cpu()
-        job_s.append(end - start)
+        seconds["job"].append(end - start)
         # progress messages: "polygonizing blocks" … "merging …" (90 %) … "writing …" (95 %) … "wrote …"
         phases.append({"blocks": marks["merging"] - start, "merge": marks["writing"] - marks["merging"],
                        "write": end - marks["writing"]})  # fmt: skip
-        seconds, base_count = baseline(data)
+        seconds["serial"].append(serial(src, serial_out)[0])
         cpu2 = machine_cpu()
-        base_s.append(seconds)
-        job_cpu.append(cpu1[0] - cpu0[0])
-        base_cpu.append(cpu2[0] - cpu1[0])
-        steal.append(cpu2[1] - cpu0[1])
+        took, base_count = shapes_only(data)
+        seconds["shapes_only"].append(took)
+        cpu3 = machine_cpu()
+        for k, (a, b) in zip(seconds, ((cpu0, cpu1), (cpu1, cpu2), (cpu2, cpu3)), strict=True):
+            cpu[k].append(b[0] - a[0])
+        steal.append(cpu3[1] - cpu0[1])
     ray.shutdown()
     assert count == base_count, f"different polygon counts: job {count}, shapes {base_count}"
-    job, base = min(job_s), min(base_s)
-    paired = float(np.median(np.asarray(base_s) / np.asarray(job_s)))
-    phase = {k: round(v, 3) for k, v in phases[int(np.argmin(job_s))].items()}
-    return {"side": side, "pixels": side * side, "polygons": count, "job_seconds": round(job, 3),
-            "shapes_seconds": round(base, 3), "job_mpix_per_s": round(side * side / job / 1e6, 2),
-            "shapes_mpix_per_s": round(side * side / base / 1e6, 2), "speedup": round(base / job, 3),
-            "target_speedup": 1.5, "job_phases_seconds": phase,
-            # Each repeat times the job and the baseline back to back: on a machine with noisy
-            # neighbours the median of these paired ratios is steadier than best / best.
-            "paired_speedups": [round(b / j, 3) for b, j in zip(base_s, job_s, strict=True)],
-            "paired_speedup_median": round(paired, 3),
-            # Judged on the paired median: best-of-N on each side pits the baseline's quietest
-            # moment for one core against the job's for two, and on a VM with neighbours those
-            # are seldom the same moment.
-            "meets_target": paired >= 1.5,
-            # CPU seconds the whole machine was busy (everything on it: the job's driver, Ray,
-            # its workers; the baseline's one process), medians: the work each side does,
-            # whatever the neighbours do. 2 × shapes / job is what two free cores would give.
-            "job_cpu_seconds": round(float(np.median(job_cpu)), 3),
-            "shapes_cpu_seconds": round(float(np.median(base_cpu)), 3),
-            "two_core_bound": round(2 * float(np.median(base_cpu)) / float(np.median(job_cpu)), 3),
+    job = np.asarray(seconds["job"])
+    job_cpu = float(np.median(cpu["job"]))
+
+    def versus(name: str) -> dict:
+        base = np.asarray(seconds[name])
+        paired = float(np.median(base / job))
+        base_cpu = float(np.median(cpu[name]))
+        return {"seconds": round(float(base.min()), 3), "mpix_per_s": round(side * side / base.min() / 1e6, 2),
+                "speedup": round(float(base.min() / job.min()), 3),
+                # Each repeat times the job and the baselines back to back: on a machine with
+                # noisy neighbours the median of these paired ratios is steadier than best / best.
+                "paired_speedups": [round(float(r), 3) for r in base / job],
+                "paired_speedup_median": round(paired, 3),
+                # CPU seconds the whole machine was busy (everything on it: the job's driver,
+                # Ray, its workers; the baseline's one process), medians: the work each side
+                # does, whatever the neighbours do. 2 × baseline / job is what two free cores give.
+                "cpu_seconds": round(base_cpu, 3), "two_core_bound": round(2 * base_cpu / job_cpu, 3)}  # fmt: skip
+
+    vs_serial, vs_shapes = versus("serial"), versus("shapes_only")
+    phase = {k: round(v, 3) for k, v in phases[int(np.argmin(job))].items()}
+    return {"side": side, "pixels": side * side, "polygons": count, "job_seconds": round(float(job.min()), 3),
+            "job_mpix_per_s": round(side * side / job.min() / 1e6, 2), "job_cpu_seconds": round(job_cpu, 3),
+            "job_phases_seconds": phase, "target_speedup": 1.5,
+            # Judged on the paired median against the same output: best-of-N on each side pits
+            # the baseline's quietest moment for one core against the job's for two, and on a
+            # VM with neighbours those are seldom the same moment.
+            "meets_target": vs_serial["paired_speedup_median"] >= 1.5,
+            "serial": vs_serial, "shapes_only": vs_shapes,
             "steal_seconds_per_pair": [round(s, 3) for s in steal],
             "load_average_1m_before": round(load, 2)}  # fmt: skip
 
@@ -208,8 +267,10 @@ def main() -> None:
         "workload": {"threshold": THRESHOLD, "connectivity": 4, "chunk": args.chunk, "dtype": "float32",
                      "block_side": service.BLOCK_SIDE,
                      "field": "smoothed random field (blobs with holes)"},  # fmt: skip
-        "throughput": {**tp, "measured": "seconds: best of repeats; speedup: best / best; paired: per repeat; job = run_job on warm embedded Ray (2 CPUs) incl. "
-                                          "zarr read, stats, merge and GeoParquet write; shapes = one call + shapely"},
+        "throughput": {**tp, "measured": (
+            "seconds: best of repeats; speedup: best / best; paired: per repeat; job = run_job on warm embedded Ray "
+            "(2 CPUs) incl. zarr read, stats, merge and GeoParquet write; serial = the same table from one "
+            "whole-raster shapes call (read, stats, write); shapes_only = one call on the in-memory mask + shapely")},
         "memory": {**memory, "area_ratio": 4.0, "peak_rss_ratio": round(ratio, 3), "target_peak_rss_ratio": 1.25,
                    "meets_target": ratio <= 1.25,
                    "measured": "RSS of the job process tree (driver + embedded Ray), sampled every 50 ms"},

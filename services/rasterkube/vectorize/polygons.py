@@ -158,11 +158,16 @@ def component_moments(values: NDArray[np.number], labels: NDArray[np.int32], n: 
         return Moments.empty()
     if fg is None:
         fg = labels > 0
-    lab = labels[fg] - 1
-    v = values[fg].astype(np.float64)
+    # One scan of the mask, then gathers (two boolean-mask selections cost twice the scan).
+    at = np.flatnonzero(fg)
+    lab = labels.ravel().take(at)
+    lab -= 1
+    v = values.ravel().take(at).astype(np.float64)
     count = np.bincount(lab, minlength=n).astype(np.int64)
     mean = np.bincount(lab, weights=v, minlength=n) / count
-    m2 = np.bincount(lab, weights=(v - mean[lab]) ** 2, minlength=n)
+    dev = v - mean.take(lab)
+    dev *= dev
+    m2 = np.bincount(lab, weights=dev, minlength=n)
     vmin = np.full(n, np.inf)
     vmax = np.full(n, -np.inf)
     np.minimum.at(vmin, lab, v)
@@ -206,23 +211,12 @@ def polygonize_labels(labels: NDArray[np.int32], n: int, connectivity: int, orig
     geoms = np.empty(n, dtype=object)
     if n == 0:
         return geoms
-    transform = Affine.translation(origin[1], origin[0])
-    values: list[float] = []
-    rings_per_polygon: list[int] = []
-    rings: list[list[tuple[float, float]]] = []
     with _no_gc():
-        for geojson, value in rasterio.features.shapes(labels, mask=labels > 0 if mask is None else mask,
-                                                       connectivity=connectivity, transform=transform):  # fmt: skip
-            polygon_rings = geojson["coordinates"]
-            values.append(value)
-            rings_per_polygon.append(len(polygon_rings))
-            rings.extend(polygon_rings)
-    ring_sizes = np.fromiter(map(len, rings), dtype=np.intp, count=len(rings))
-    flat = itertools.chain.from_iterable(itertools.chain.from_iterable(rings))
-    coords = np.fromiter(flat, dtype=np.float64, count=2 * int(ring_sizes.sum())).reshape(-1, 2)
+        values, rings_per_polygon, ring_sizes, coords = _read_shapes(
+            labels, labels > 0 if mask is None else mask, connectivity, Affine.translation(origin[1], origin[0]))
     vertex_ring = np.repeat(np.arange(len(ring_sizes)), ring_sizes)
     ring_polygon = np.repeat(np.arange(len(values)), rings_per_polygon)
-    component = np.asarray(values, dtype=np.int64) - 1
+    component = values - 1
     if world is not None:
         # Straight to CRS coordinates where asked: no shapely.transform round trip later.
         in_crs, crs_transform = world
@@ -234,11 +228,31 @@ def polygonize_labels(labels: NDArray[np.int32], n: int, connectivity: int, orig
     return geoms
 
 
+def _read_shapes(
+    labels: NDArray[np.int32], mask: NDArray[np.bool_], connectivity: int, transform: Affine
+) -> tuple[NDArray[np.int64], NDArray[np.intp], NDArray[np.intp], NDArray[np.float64]]:
+    """GDAL's polygons of ``labels`` as arrays: each polygon's label and ring count, each
+    ring's vertex count, and all (x, y) vertices. The GeoJSON tuples are gone when it returns."""
+    values: list[float] = []
+    rings_per_polygon: list[int] = []
+    rings: list[list[tuple[float, float]]] = []
+    for geojson, value in rasterio.features.shapes(labels, mask=mask, connectivity=connectivity, transform=transform):
+        polygon_rings = geojson["coordinates"]
+        values.append(value)
+        rings_per_polygon.append(len(polygon_rings))
+        rings.extend(polygon_rings)
+    ring_sizes = np.fromiter(map(len, rings), dtype=np.intp, count=len(rings))
+    flat = itertools.chain.from_iterable(itertools.chain.from_iterable(rings))
+    coords = np.fromiter(flat, dtype=np.float64, count=2 * int(ring_sizes.sum())).reshape(-1, 2)
+    return np.asarray(values, dtype=np.int64), np.asarray(rings_per_polygon, dtype=np.intp), ring_sizes, coords
+
+
 @contextmanager
 def _no_gc() -> Iterator[None]:
     """The cyclic garbage collector off while GDAL's GeoJSON is read: tens of thousands of
     coordinate tuples (no cycles among them) trigger collections that walk the whole heap
-    of a Ray worker — 5–10 % of a block's time."""
+    of a Ray worker — 5–10 % of a block's time. Keep the tuples' lifetime inside the block:
+    turned on while they are still referenced, the next collection walks them all."""
     enabled = gc.isenabled()
     gc.disable()
     try:
