@@ -23,6 +23,8 @@ from rasterkube.viewer.server import (
 )
 
 READY: Final = "window.rasterkube && window.rasterkube.ready && !!document.querySelector('.layer')"
+# What stops `rasterkube view`: Ctrl-C and SIGTERM (kill, a process manager).
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "BackgroundServer", "make_server", "screenshot", "serve"]
 
@@ -44,9 +46,6 @@ def serve(paths: list[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, 
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         server.server_close()
-
-
-STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
 
 def _interrupt(signum: int, frame: object) -> None:
