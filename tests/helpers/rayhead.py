@@ -15,12 +15,14 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 
 @contextmanager
-def ray_head(tmp: Path, num_cpus: int = 1) -> Iterator[dict[str, str]]:
-    """Yields the env a client needs: RAY_ADDRESS (GCS) and the dashboard (Jobs API) URL."""
+def ray_head(tmp: Path, num_cpus: int = 1, env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """Yields the env a client needs: RAY_ADDRESS (GCS) and the dashboard (Jobs API) URL.
+
+    ``env``: more environment for the head's processes (e.g. RAY_AUTH_TOKEN)."""
     port, dash = free_port(), free_port()
     # Job entrypoints run `python`: the head must find this environment's interpreter first.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(tmp), "PATH": path}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(tmp), "PATH": path, **(env or {})}
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={num_cpus}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
            f"--temp-dir={tmp}"]  # fmt: skip

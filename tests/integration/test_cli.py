@@ -64,6 +64,65 @@ def test_unreachable_ray_address_is_a_clear_error(example_dir: Path) -> None:
     assert not (example_dir / "out" / "examples").exists()
 
 
+def _ray_state_env(base: Path) -> dict[str, str]:
+    """Ray looks for ``ray_current_cluster`` in ``$RAY_TMPDIR/ray`` (default /tmp/ray)."""
+    return {"RAY_TMPDIR": str(base)}
+
+
+def test_stale_ray_state_of_a_dead_cluster_does_not_break_a_local_run(
+    example_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """What a killed `ray start --head` leaves behind: the address file of a dead cluster."""
+    from helpers.s3server import free_port
+
+    base = tmp_path_factory.mktemp("rs", numbered=True)  # short: Ray's socket paths live under it
+    (base / "ray").mkdir()
+    (base / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    proc = run(["run", "-q", "-f", "cs.yaml"], example_dir, _ray_state_env(base))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)[0]["phase"] == "Succeeded"
+    assert "Connecting to existing Ray cluster" not in proc.stderr
+
+
+def test_a_live_ray_start_cluster_is_not_joined_without_ray_address(
+    example_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The README promises an embedded Ray unless RAY_ADDRESS is set: a `ray start` cluster
+    someone runs on the same machine is left alone (Ray itself would join it)."""
+    base = tmp_path_factory.mktemp("rl", numbered=True)
+    with ray_head(base / "ray") as ray_env:
+        assert (base / "ray" / "ray_current_cluster").read_text().endswith(ray_env["RAY_ADDRESS"].split(":")[1])
+        proc = run(["run", "-q", "-f", "cs.yaml"], example_dir, _ray_state_env(base))
+        from ray.job_submission import JobSubmissionClient
+
+        drivers = JobSubmissionClient(ray_env["DASHBOARD"]).list_jobs()
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)[0]["phase"] == "Succeeded"
+    assert "Connecting to existing Ray cluster" not in proc.stderr
+    assert drivers == [], "the run connected a driver to the other cluster"
+
+
+def test_token_auth_head_is_reached_without_ray_auth_mode(
+    example_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A head with token auth (Ray's default when a token exists): the client finds the token
+    where Ray keeps it and connects without RAY_AUTH_MODE=token."""
+    import secrets
+
+    token = secrets.token_hex(32)
+    home = tmp_path_factory.mktemp("home")
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(token)
+    with ray_head(tmp_path_factory.mktemp("ray", numbered=True), env={"RAY_AUTH_TOKEN": token}) as ray_env:
+        env = {"RAY_ADDRESS": ray_env["RAY_ADDRESS"], "HOME": str(home)}
+        clean = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+        proc = subprocess.run([RASTERKUBE, "run", "-q", "-f", "cs.yaml"], cwd=example_dir, env={**clean, **env},
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)[0]["phase"] == "Succeeded"
+    assert "Connecting to existing Ray cluster" in proc.stderr
+
+
 BAD = {
     "wrong type": ("  robustTimeZScore: sometimes\n", "spec.robustTimeZScore: input should be a valid boolean"),
     "unknown enum": ("  distance: manhattan\n", "spec.distance: 'manhattan' is not allowed"),

@@ -28,26 +28,42 @@ def carried_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(CARRIED_ENV_PREFIXES)}
 
 
+#: ``ray.init`` address that always starts a new local instance. ``address=None`` would join
+#: whatever ``/tmp/ray/ray_current_cluster`` names: a live ``ray start`` cluster of someone
+#: else's, or one that was killed and left the file behind (then ray.init fails with "When
+#: connecting to an existing cluster, num_cpus and num_gpus must not be provided").
+EMBEDDED_ADDRESS = "local"
+ENV_AUTH_MODE = "RAY_AUTH_MODE"
+ENV_AUTH_TOKEN = "RAY_AUTH_TOKEN"
+ENV_AUTH_TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
+TOKEN_FILE = os.path.join(".ray", "auth_token")  # under the home directory
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to RAY_ADDRESS (or ``address``), else start an embedded local Ray once."""
+    """Connect to RAY_ADDRESS (or ``address``), else start an embedded local Ray once.
+
+    The embedded Ray is always a new instance of this process's own, whatever other Ray state
+    the machine has (live clusters, files of dead ones)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get(ENV_RAY_ADDRESS)
-    if address:
+    if address and address != EMBEDDED_ADDRESS:
         _check_reachable(address)
+        use_token_auth_if_available()
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError) as exc:
             raise UserError(
                 f"RAY_ADDRESS={address}: cannot connect to the Ray cluster ({str(exc).splitlines()[0]}). "
                 "Check the address (host:port of the head's GCS, e.g. 127.0.0.1:6379); if the cluster uses "
-                "token auth set RAY_AUTH_MODE=token and make its token available (~/.ray/auth_token or "
-                "RAY_AUTH_TOKEN); unset RAY_ADDRESS to use an embedded local Ray"
+                "token auth make its token available (~/.ray/auth_token, RAY_AUTH_TOKEN or "
+                "RAY_AUTH_TOKEN_PATH); unset RAY_ADDRESS to use an embedded local Ray"
             ) from None
     else:
         global _embedded
         _embedded = True
         ray.init(
+            address=EMBEDDED_ADDRESS,
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             log_to_driver=True,
@@ -55,6 +71,36 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             # The embedded Ray serves this process only: keep all of it on loopback.
             _node_ip_address=LOOPBACK,
         )
+
+
+def auth_token_available(environ: dict[str, str] | None = None) -> bool:
+    """A Ray auth token is where Ray looks for one: RAY_AUTH_TOKEN, the file named by
+    RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token."""
+    env = os.environ if environ is None else environ
+    if env.get(ENV_AUTH_TOKEN, "").strip():
+        return True
+    home = env.get("HOME") or os.path.expanduser("~")
+    path = os.path.expanduser(env.get(ENV_AUTH_TOKEN_PATH) or os.path.join(home, TOKEN_FILE))
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def use_token_auth_if_available() -> bool:
+    """Client side of Ray's token auth (the default of ``ray start`` since 2.5x when a token
+    exists): with RAY_AUTH_MODE unset and a token available, connect in token mode. Ray itself
+    does this only for clusters it finds on its own, never for an explicit address; a client
+    in token mode also connects to a cluster without auth, so this never hurts. Returns
+    whether token mode is on."""
+    mode = os.environ.get(ENV_AUTH_MODE)
+    if mode is not None:
+        return mode.lower() == "token"
+    if not auth_token_available():
+        return False
+    os.environ[ENV_AUTH_MODE] = "token"
+    # Ray's C++ config read RAY_AUTH_MODE when ray was imported: make it read it again.
+    from ray._raylet import Config
+
+    Config.initialize("")
+    return True
 
 
 def embedded() -> bool:
