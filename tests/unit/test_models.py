@@ -107,3 +107,18 @@ def test_vectorization_connectivity() -> None:
     assert spec.connectivity == 4 and spec.output.crs == "EPSG:4326"
     with pytest.raises(ValidationError, match="must be 4 or 8"):
         VectorizationSpec.model_validate({"source": {"uri": "a"}, "features": ["w"], "connectivity": 6})
+
+
+def test_spec_hash_is_the_same_for_the_same_work_and_changes_with_it() -> None:
+    from rasterkube.api import ChangeScore
+
+    base = {"apiVersion": "rasterkube.dev/v1alpha1", "kind": "ChangeScore", "metadata": {"name": "a"},
+            "spec": {"source": {"uri": "s.zarr"}}}  # fmt: skip
+    a = ChangeScore.model_validate(base)
+    explicit_default = ChangeScore.model_validate(
+        {**base, "metadata": {"name": "b", "uid": "u"}, "spec": {"source": {"uri": "s.zarr"}, "dataVar": "variables"}}
+    )
+    other = ChangeScore.model_validate({**base, "spec": {"source": {"uri": "s.zarr"}, "distance": "alphaEarthCosine"}})
+    assert a.spec_hash == explicit_default.spec_hash  # metadata and spelled-out defaults do not count
+    assert a.spec_hash != other.spec_hash
+    assert len(a.spec_hash) == 64

@@ -7,6 +7,8 @@ Every field carries a description because that text is what ``kubectl explain`` 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 from enum import StrEnum
@@ -311,3 +313,11 @@ class Resource(BaseModel, Generic[SpecT]):
     @property
     def namespace(self) -> str:
         return self.metadata.namespace
+
+    @property
+    def spec_hash(self) -> str:
+        """sha256 of the spec in canonical JSON (defaults filled in, unset fields left out, keys
+        sorted): equal for manifests that ask for the same work however they are written, and
+        different for any change. Provenance records it; resumed runs key finished blocks by it."""
+        text = json.dumps(self.spec.to_wire(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
