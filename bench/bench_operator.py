@@ -25,8 +25,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PeakRss, emit  # noqa: E402
-from rasterkube_operator.devstack import binaries  # noqa: E402
-from rasterkube_operator.devstack import stack as devstack  # noqa: E402
+from rasterkube_devstack import binaries  # noqa: E402
+from rasterkube_devstack import stack as devstack  # noqa: E402
 
 
 def kubectl(info: devstack.StackInfo, *args: str, input: str | None = None) -> str:

@@ -130,7 +130,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from rasterkube_operator.devstack import stack
+    from rasterkube_devstack import stack
 
     directory = Path(args.dir)
     try:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import rasterkube_operator
 import yaml
-from rasterkube_operator.devstack import binaries
-from rasterkube_operator.devstack.controlplane import COMPONENTS, ControlPlane
+from rasterkube_devstack import binaries
+from rasterkube_devstack.controlplane import COMPONENTS, ControlPlane
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -211,7 +211,7 @@ def test_stop_from_another_process(plane: ControlPlane) -> None:
     # A fresh interpreter that only knows the directory must be able to stop it.
     package_root = Path(rasterkube_operator.__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_root), os.environ.get("PYTHONPATH", "")])}
-    code = "import sys; from pathlib import Path; from rasterkube_operator.devstack.controlplane import stop; stop(Path(sys.argv[1]))"
+    code = "import sys; from pathlib import Path; from rasterkube_devstack.controlplane import stop; stop(Path(sys.argv[1]))"
     subprocess.run([sys.executable, "-c", code, str(plane.directory)], env=env, check=True, timeout=120)
 
     assert not any(_alive(pid) for pid in pids.values())

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rasterkube_operator.devstack import binaries
-from rasterkube_operator.devstack.controlplane import ControlPlane
+from rasterkube_devstack import binaries
+from rasterkube_devstack.controlplane import ControlPlane
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]

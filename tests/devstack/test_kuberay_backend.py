@@ -36,9 +36,9 @@ from rasterkube_operator.backends.kuberay_manifests import (
     build_rayjob,
     rayjob_name,
 )
-from rasterkube_operator.devstack import binaries
-from rasterkube_operator.devstack.controlplane import ControlPlane
-from rasterkube_operator.devstack.kuberay import CRD_FILES, KUBERAY_VERSION, ensure_kuberay_crds
+from rasterkube_devstack import binaries
+from rasterkube_devstack.controlplane import ControlPlane
+from rasterkube_devstack.kuberay import CRD_FILES, KUBERAY_VERSION, ensure_kuberay_crds
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

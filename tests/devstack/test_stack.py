@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rasterkube_operator.devstack import s3, stack
-from rasterkube_operator.devstack.controlplane import ControlPlane
+from rasterkube_devstack import s3, stack
+from rasterkube_devstack.controlplane import ControlPlane
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -12,7 +12,7 @@ import pytest
 import rasterkube
 from rasterkube import storage
 from rasterkube.errors import ResourceFailed
-from rasterkube_operator.devstack import stack as devstack
+from rasterkube_devstack import stack as devstack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BBOX = (-106.924, 40.281, -106.904, 40.296)

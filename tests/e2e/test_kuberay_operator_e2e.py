@@ -21,7 +21,7 @@ import pytest
 
 from helpers.kube import get, kubectl, wait_for
 from helpers.s3server import free_port
-from rasterkube_operator.devstack import stack as devstack
+from rasterkube_devstack import stack as devstack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NAMESPACE = "default"

@@ -19,8 +19,8 @@ from helpers.kube import get, kubectl, status_is
 from helpers.kube import wait_for as wait_for_object
 from helpers.stores import random_series, write_store
 from rasterkube import geozarr, storage
-from rasterkube_operator.devstack import binaries
-from rasterkube_operator.devstack import stack as devstack
+from rasterkube_devstack import binaries
+from rasterkube_devstack import stack as devstack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rasterkube_operator.devstack import binaries
-from rasterkube_operator.devstack.stack import StackInfo
+from rasterkube_devstack import binaries
+from rasterkube_devstack.stack import StackInfo
 
 
 def kubectl(info: StackInfo, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:

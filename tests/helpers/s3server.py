@@ -1,7 +1,7 @@
 """A real S3-compatible server process (moto in server mode) on a free loopback port.
 
 The command line, readiness probe and bucket creation are the dev stack's
-(:mod:`rasterkube_operator.devstack.s3`); here the server is a plain child process that the
+(:mod:`rasterkube_devstack.s3`); here the server is a plain child process that the
 test session stops itself.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from rasterkube_operator.devstack import s3 as devstack_s3
+from rasterkube_devstack import s3 as devstack_s3
 
 ACCESS_KEY = "rasterkube-test"
 SECRET_KEY = "rasterkube-test-secret"

@@ -78,7 +78,7 @@ CREDENTIAL_ENV = re.compile(r"^(AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESS
 
 @functools.cache
 def helm_binary() -> str:
-    from rasterkube_operator.devstack.binaries import ensure_helm
+    from rasterkube_devstack.binaries import ensure_helm
 
     return str(ensure_helm())
 

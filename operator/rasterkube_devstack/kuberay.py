@@ -13,11 +13,11 @@ module root) from the same module version into ``cache_dir()/bin``. It is
 not needed by the tests — without kubelets it could never start a Ray pod —
 but lets a developer run the real controller against the dev control plane.
 
-Conventions are those of :mod:`rasterkube_operator.devstack.binaries`: the same
+Conventions are those of :mod:`rasterkube_devstack.binaries`: the same
 GOMODCACHE/GOCACHE/GOFLAGS, a file lock per artefact, and atomic renames, so
 concurrent callers never see half-written files.
 
-Run ``python -m rasterkube_operator.devstack.kuberay [--operator]`` to warm the cache.
+Run ``python -m rasterkube_devstack.kuberay [--operator]`` to warm the cache.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import yaml
 
-from rasterkube_operator.devstack import binaries
-from rasterkube_operator.devstack.binaries import BinaryBuildError
+from rasterkube_devstack import binaries
+from rasterkube_devstack.binaries import BinaryBuildError
 
 log = logging.getLogger(__name__)
 

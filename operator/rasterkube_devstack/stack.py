@@ -44,10 +44,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rasterkube_operator.devstack import binaries, s3
-from rasterkube_operator.devstack.controlplane import ControlPlane, _free_port, _http, _tail
-from rasterkube_operator.devstack.kuberay import CRD_FILES as KUBERAY_CRD_FILES
-from rasterkube_operator.devstack.kuberay import ensure_kuberay_crds
+from rasterkube_devstack import binaries, s3
+from rasterkube_devstack.controlplane import ControlPlane, _free_port, _http, _tail
+from rasterkube_devstack.kuberay import CRD_FILES as KUBERAY_CRD_FILES
+from rasterkube_devstack.kuberay import ensure_kuberay_crds
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_DIR = ".rasterkube-dev"

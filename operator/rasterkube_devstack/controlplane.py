@@ -59,7 +59,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from rasterkube_operator.devstack import binaries
+from rasterkube_devstack import binaries
 
 LOOPBACK = "127.0.0.1"
 ETCD = "etcd"
@@ -716,7 +716,7 @@ def stop(directory: Path) -> None:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m rasterkube_operator.devstack.controlplane {start,stop} DIR``."""
+    """``python -m rasterkube_devstack.controlplane {start,stop} DIR``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)

@@ -10,7 +10,7 @@ The credentials below are **for the local dev server only** — moto accepts any
 exist because every S3 client insists on having some. Never use them for a real store.
 
 The detached-process helpers at the bottom (``start_detached``, ``stop_detached``,
-``session_processes``...) are shared with :mod:`rasterkube_operator.devstack.stack`, which
+``session_processes``...) are shared with :mod:`rasterkube_devstack.stack`, which
 runs the Ray head and the operator the same way.
 """
 
@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from rasterkube_operator.devstack.controlplane import _free_port, _http, _tail
+from rasterkube_devstack.controlplane import _free_port, _http, _tail
 
 LOOPBACK = "127.0.0.1"
 

@@ -12,7 +12,7 @@ into a temp file under a per-binary file lock and renames it into place, so
 concurrent callers (e.g. pytest-xdist workers) never build twice and never
 see a half-written binary.
 
-Run ``python -m rasterkube_operator.devstack.binaries`` to warm the cache.
+Run ``python -m rasterkube_devstack.binaries`` to warm the cache.
 """
 
 from __future__ import annotations
@@ -322,7 +322,7 @@ def _go_build(
     scratch_root = cache_dir() / "tmp"
     scratch_root.mkdir(parents=True, exist_ok=True)
     hint = (
-        f"Fix the error above and rerun `python -m rasterkube_operator.devstack.binaries`. "
+        f"Fix the error above and rerun `python -m rasterkube_devstack.binaries`. "
         f"Go caches live in {cache_dir() / 'go'} (delete them if they look corrupted); "
         f"set ${GO_ENV} to use a different Go toolchain."
     )
