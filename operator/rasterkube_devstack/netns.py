@@ -1,0 +1,158 @@
+"""Network namespaces that the dev stack and the tests create for themselves.
+
+The network rule of this project: processes talk only to loopback or to addresses inside
+namespaces our own code created. A real node (kubelet refuses a loopback node IP) and a
+multi-node Ray cluster (each node needs an address of its own) therefore live in namespaces
+made here: a namespace per host, joined by veth pairs or a bridge, no default route, so
+nothing in them can reach any other address.
+
+Processes are started inside with ``nsenter --net=/run/netns/NAME`` rather than
+``ip netns exec``: the latter also remounts /sys, which hides the cgroup mounts that
+containerd and kubelet need. Thin wrappers over iproute2; every name we create starts with a
+prefix of the caller's, so ``cleanup(prefix)`` removes exactly ours.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+NETNS_DIR: Final = Path("/run/netns")
+IP: Final = "ip"
+NSENTER: Final = "nsenter"
+#: Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+MAX_IFNAME: Final = 15
+COMMAND_TIMEOUT_S: Final = 30
+
+
+class NetnsError(RuntimeError):
+    """A namespace operation failed; the message has the command and its output."""
+
+
+def unavailable_reason() -> str | None:
+    """Why namespaces cannot be made here (None when they can): root and iproute2/nsenter."""
+    if os.geteuid() != 0:
+        return "network namespaces need root (run as root, or use a machine where you are)"
+    missing = [tool for tool in (IP, NSENTER) if shutil.which(tool) is None]
+    if missing:
+        return f"{' and '.join(missing)} not found (install the Debian packages iproute2 and util-linux)"
+    return None
+
+
+def _run(argv: Sequence[str]) -> str:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False)
+    if proc.returncode != 0:
+        raise NetnsError(f"`{' '.join(argv)}` exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout
+
+
+def _check_ifname(name: str) -> str:
+    if not 0 < len(name.encode()) <= MAX_IFNAME:
+        raise ValueError(f"interface name {name!r} must be 1..{MAX_IFNAME} bytes long")
+    return name
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A named network namespace (``/run/netns/<name>``)."""
+
+    name: str
+
+    @property
+    def path(self) -> Path:
+        return NETNS_DIR / self.name
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` run inside this namespace's network (mounts and cgroups stay the host's)."""
+        return [NSENTER, f"--net={self.path}", "--", *argv]
+
+    def ip(self, *args: str) -> str:
+        return _run([IP, "-n", self.name, *args])
+
+    def pids(self) -> list[int]:
+        """Processes whose network namespace is this one."""
+        out = _run([IP, "netns", "pids", self.name]) if self.exists() else ""
+        return [int(p) for p in out.split()]
+
+    def add_address(self, ifname: str, cidr: str) -> None:
+        self.ip("addr", "add", cidr, "dev", _check_ifname(ifname))
+
+    def up(self, ifname: str) -> None:
+        self.ip("link", "set", _check_ifname(ifname), "up")
+
+    def add_route(self, destination: str, ifname: str, source: str | None = None) -> None:
+        self.ip("route", "add", destination, "dev", ifname, *(("src", source) if source else ()))
+
+    def add_bridge(self, ifname: str) -> None:
+        self.ip("link", "add", _check_ifname(ifname), "type", "bridge")
+        self.up(ifname)
+
+    def attach(self, ifname: str, bridge: str) -> None:
+        self.ip("link", "set", _check_ifname(ifname), "master", _check_ifname(bridge))
+
+
+def create(name: str) -> Namespace:
+    """A new namespace with loopback up; an existing one of that name is an error (stale
+    state is removed by :func:`delete` or :func:`cleanup`, never silently reused)."""
+    reason = unavailable_reason()
+    if reason:
+        raise NetnsError(reason)
+    _run([IP, "netns", "add", name])
+    ns = Namespace(name)
+    ns.up("lo")
+    return ns
+
+
+def veth_pair(a: Namespace, a_if: str, b: Namespace, b_if: str) -> None:
+    """A veth pair with one end in each namespace (``a`` and ``b`` may be the same: a node's
+    address needs a non-loopback device to live on, and this kernel has no ``dummy`` links)."""
+    _run([IP, "-n", a.name, "link", "add", _check_ifname(a_if), "type", "veth", "peer", "name",
+          _check_ifname(b_if), "netns", b.name])  # fmt: skip
+    a.up(a_if)
+    b.up(b_if)
+
+
+def delete(ns: Namespace, grace_s: float = 5.0) -> None:
+    """Stop every process left inside (TERM, then KILL) and remove the namespace."""
+    if not ns.exists():
+        return
+    pids = ns.pids()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if Path(f"/proc/{p}").exists()]
+            time.sleep(0.05)
+        if not pids:
+            break
+    _run([IP, "netns", "delete", ns.name])
+
+
+def ours(prefix: str) -> list[Namespace]:
+    """The namespaces whose names start with ``prefix``."""
+    if not NETNS_DIR.is_dir():
+        return []
+    return [Namespace(p.name) for p in sorted(NETNS_DIR.iterdir()) if p.name.startswith(prefix)]
+
+
+def cleanup(prefix: str) -> list[str]:
+    """Delete every namespace named ``prefix*`` (what a killed run left); returns their names."""
+    gone = []
+    for ns in ours(prefix):
+        delete(ns)
+        gone.append(ns.name)
+    return gone
