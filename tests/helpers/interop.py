@@ -325,3 +325,55 @@ REFUSED: dict[str, tuple[Callable[[Path], str], str]] = {
     "time-without-dates": (time_without_dates, r"'time' dim has no coordinate.*assign_coords"),
     "wrong-transform": (wrong_spatial_transform, r"spatial:transform .* disagrees with its x/y coordinates"),
 }
+
+
+# ------------------------------------------------------------------ Mosaic inputs (COGs)
+
+
+def rioxarray_cog_catalog(root: Path, scenes: Any) -> Path:
+    """The scenes of a ``localstac.SyntheticTruth`` written again the way a user with rioxarray
+    and pystac would: each asset a COG from ``rio.to_raster(driver="COG")`` (nodata in the
+    GDAL tag), items and catalog made with pystac (projection extension, cloud cover, no
+    raster:bands). Returns the catalog path."""
+    import datetime as dt
+
+    import pystac
+    import rioxarray  # noqa: F401 — registers .rio
+    from affine import Affine
+    from pystac.extensions.projection import ProjectionExtension
+    from rasterio.warp import transform_geom
+    from shapely.geometry import box, mapping, shape
+
+    from rasterkube.mosaic import localstac
+
+    source = {i.id: i for i in pystac.Catalog.from_file(str(scenes.catalog)).get_items(recursive=True)}
+    h, w = scenes.dn.shape[-2:]
+    grid = GeoGrid(scenes.crs, tuple(scenes.transform[:6]), (h, w))  # type: ignore[arg-type]
+    footprint = transform_geom(scenes.crs, "EPSG:4326", mapping(box(*grid.bbox)))
+    catalog = pystac.Catalog(id="rioxarray-scenes", description="COGs written by rioxarray")
+    collection = pystac.Collection(id=scenes.collection, description="rioxarray COGs", license="CC0-1.0",
+                                   extent=pystac.Extent(pystac.SpatialExtent([list(shape(footprint).bounds)]),
+                                                        pystac.TemporalExtent([[None, None]])))  # fmt: skip
+    catalog.add_child(collection)
+    mask_key, mask_nodata = ("qa_pixel", localstac.QA_FILL_VALUE) if "qa_pixel" in next(iter(source.values())).assets \
+        else ("scl", localstac.SCL_NODATA)  # fmt: skip
+    for i, item_id in enumerate(sorted(source)):
+        when = scenes.times[i].astype(dt.datetime).replace(tzinfo=dt.UTC)
+        item = pystac.Item(id=f"rio-{item_id}", geometry=footprint, bbox=list(shape(footprint).bounds), datetime=when,
+                           properties={"eo:cloud_cover": source[item_id].properties["eo:cloud_cover"],
+                                       **dict(scenes.properties)})  # fmt: skip
+        ProjectionExtension.ext(item, add_if_missing=True).apply(epsg=int(scenes.crs.split(":")[1]),
+                                                                  shape=[h, w], transform=list(grid.transform))  # fmt: skip
+        arrays = {key: (scenes.dn[i, b], 0) for b, key in enumerate(scenes.bands)}
+        arrays[mask_key] = (scenes.mask[i], mask_nodata)
+        for key, (values, nodata) in arrays.items():
+            path = root / "cogs" / f"{item.id}_{key}.tif"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            da = xr.DataArray(values, dims=("y", "x"), coords=_coords(grid))
+            da = da.rio.write_crs(scenes.crs).rio.write_transform(Affine(*grid.transform))
+            da.rio.write_nodata(nodata, encoded=False).rio.to_raster(path, driver="COG")
+            item.add_asset(key, pystac.Asset(href=str(path), media_type=pystac.MediaType.COG, roles=["data"]))
+        collection.add_item(item)
+    catalog.normalize_hrefs(str(root / "stac"))
+    catalog.save(catalog_type=pystac.CatalogType.SELF_CONTAINED)
+    return root / "stac" / "catalog.json"
