@@ -394,7 +394,7 @@ def describe(uri: str, data_var: str = DATA_VAR) -> StoreInfo:
     try:
         return _interpret(uri, base, attrs, grid_attrs, ds, level, data_var)
     except L.LayoutError as exc:
-        raise StoreError(f"{uri}: {exc}", exc.field) from None
+        raise StoreError(exc.about(uri), exc.field) from None
 
 
 def _interpret(uri: str, base: str, attrs: dict[str, Any], grid_attrs: dict[str, Any], ds: xr.Dataset,

@@ -72,6 +72,10 @@ HOW_TO_CRS: Final = (
 HOW_TO_DIMS: Final = "rename them, e.g. `ds = ds.rename({'row': 'y', 'col': 'x'})`"
 
 
+#: Where a message names the store (else the store's URI is put in front of it).
+STORE: Final = "{store}"
+
+
 class LayoutError(ValueError):
     """The store does not say something rasterkube needs; the message says how to add it.
 
@@ -80,6 +84,11 @@ class LayoutError(ValueError):
     def __init__(self, message: str, field: str = "source") -> None:
         super().__init__(message)
         self.field = field
+
+    def about(self, uri: str) -> str:
+        """The message with the store named."""
+        text = str(self)
+        return text.replace(STORE, uri) if STORE in text else f"{uri}: {text}"
 
 
 @dataclass(frozen=True)
@@ -175,7 +184,7 @@ def choose_arrays(data_var: str, variables: Mapping[str, Sequence[str]],
     rasters = {name: tuple(dims) for name, dims in variables.items() if on_grid(dims, spatial_dims)}
     listing = ", ".join(f"{n} {tuple(d)}" for n, d in sorted(variables.items())) or "none"
     if data_var != DATA_VAR or not rasters:
-        raise LayoutError(f"{data_var!r} is not a variable of the store (its variables: {listing})",
+        raise LayoutError(f"{data_var!r} is not a variable of {STORE} (its variables: {listing})",
                           "dataVar" if data_var != DATA_VAR else "source")  # fmt: skip
     if len(rasters) == 1:
         return list(rasters)

