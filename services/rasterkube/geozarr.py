@@ -49,6 +49,8 @@ GRID_MAPPING_ATTRS: Final = {L.GRID_MAPPING_ATTR: SPATIAL_REF, "coordinates": SP
 #: Root metadata files: zarr v3 (``zarr.json``) or v2 (``.zgroup``, written by zarr v2 writers).
 ROOT_METADATA_FILES: Final = ("zarr.json", ".zgroup")
 CONVENTIONS_ATTR: Final = "zarr_conventions"
+#: numpy kinds of the values a raster may hold: bool, signed and unsigned integers, floats.
+NUMERIC_KINDS: Final = "biuf"
 
 
 class StoreError(UserError):
@@ -427,6 +429,9 @@ def _interpret(uri: str, base: str, attrs: dict[str, Any], grid_attrs: dict[str,
     var_grid_attrs = {k: v for k, v in first.attrs.items() if str(k).startswith(("proj:", "spatial:"))}
     grid = L.grid_from_metadata({**var_grid_attrs, **grid_attrs}, grid_mapping,
                                 (ds.sizes[axes[L.Y]], ds.sizes[axes[L.X]]), ys, xs)  # fmt: skip
+    for name, raw in zip(names, raw_dtypes, strict=True):
+        if raw.kind not in NUMERIC_KINDS:
+            raise L.LayoutError(f"{name!r} holds {raw} values; rasterkube reads numbers (bool, integers, floats)")
     dtype = np.result_type(*(decoded_dtype(d, r) for d, r in zip(raw_dtypes, refs, strict=True)))
     native = L.is_native(variables[names[0]], refs[0].cf, len(refs))
     arr = level[names[0]]

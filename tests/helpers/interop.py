@@ -316,6 +316,13 @@ def wrong_spatial_transform(root: Path) -> str:
     return _to_zarr(_series(truth()).assign_attrs(attrs), root / "wrong-transform.zarr")
 
 
+def text_values(root: Path) -> str:
+    """Strings where numbers should be."""
+    ds = _series(truth()).assign_attrs(_proj_attrs(UTM_GRID))
+    ds["variables"] = ds["variables"].astype(str)
+    return _to_zarr(ds, root / "text-values.zarr")
+
+
 #: Stores that say too little: writer → (pattern the message must match, what it must tell).
 REFUSED: dict[str, tuple[Callable[[Path], str], str]] = {
     "no-crs": (no_crs, r"declares no CRS.*rio\.write_crs"),
@@ -324,6 +331,7 @@ REFUSED: dict[str, tuple[Callable[[Path], str], str]] = {
     "two-band-arrays": (two_band_arrays, r"several rasters with a band dim \(surface, toa\).*dataVar"),
     "time-without-dates": (time_without_dates, r"'time' dim has no coordinate.*assign_coords"),
     "wrong-transform": (wrong_spatial_transform, r"spatial:transform .* disagrees with its x/y coordinates"),
+    "text-values": (text_values, r"'variables' holds .* values; rasterkube reads numbers"),
 }
 
 

@@ -75,7 +75,7 @@ def open_layers(paths: list[str]) -> dict[str, Any]:
         elif lower.endswith((".parquet", ".geoparquet")) or _magic(path) == PARQUET_MAGIC:
             # By content too: a Vectorization's default output name has no extension.
             layers[lid] = FeatureLayer(lid, path)
-        elif storage.exists(path) and (lower.endswith(".zarr") or storage.is_committed(path)):
+        elif storage.exists(path) and (lower.endswith(".zarr") or geozarr.is_complete(path)):
             layer = RasterLayer(lid, storage.normalize(path))
             _ = layer.info  # a StoreError now (with what to do) rather than on the first tile
             layers[lid] = layer
