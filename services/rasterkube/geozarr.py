@@ -379,7 +379,8 @@ def describe(uri: str, data_var: str = DATA_VAR) -> StoreInfo:
     if not storage.exists(uri):
         raise StoreError(f"{uri} does not exist; check the URI or run the resource that produces it first")
     if not is_complete(uri):
-        raise StoreError(f"{uri} is not a complete store (no zarr.json): a run may have failed; run it again")
+        raise StoreError(f"{uri} is not a complete store (no zarr.json, nor .zgroup of zarr v2): a run may have "
+                         "failed; run it again")
     try:
         group = _open_group(uri)
     except Exception as exc:  # zarr raises several types for a non-zarr directory
