@@ -315,10 +315,16 @@ def read_block(
         by_array.setdefault(array_index, []).append((position, along))
     for array_index, members in by_array.items():
         ref = layout.arrays[array_index]
-        picks = {L.TIME: time, L.BAND: [int(i) for _, i in members if i is not None], L.Y: ys, L.X: xs}
-        key = tuple(picks[ref.axis_of(d)] for d in ref.dims)
         arr = _open_array(layout.uri, ref.path)
-        raw = arr.oindex[key] if ref.band_dim is not None else arr[key]
+        picks: dict[str, Any] = {L.TIME: time, L.Y: ys, L.X: xs}
+        after: list[int] | None = None
+        if ref.band_dim is not None:
+            along = [int(i) for _, i in members if i is not None]
+            picks[L.BAND], after = L.band_selection(along, arr.chunks[ref.dims.index(ref.band_dim)])
+        key = tuple(picks[ref.axis_of(d)] for d in ref.dims)
+        raw = arr.oindex[key] if isinstance(picks.get(L.BAND), list) else arr[key]
+        if after is not None:  # the bands asked for, out of the span read
+            raw = np.take(raw, after, axis=ref.dims.index(ref.band_dim))  # type: ignore[arg-type]
         out[:, [p for p, _ in members]] = to_canonical(decode(np.asarray(raw), ref), ref)
     return out
 

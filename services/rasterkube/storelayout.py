@@ -214,6 +214,19 @@ def band_labels(values: Sequence[Any] | None, size: int) -> tuple[str, ...]:
     return labels
 
 
+def band_selection(wanted: Sequence[int], band_chunk: int) -> tuple[slice | list[int], list[int] | None]:
+    """How to read bands ``wanted`` of an array chunked by ``band_chunk`` along its band dim:
+    (selection, picks within what it reads). The span from the first to the last band as one
+    slice — a plain read, much faster in zarr than a list — when it touches no chunk that no
+    wanted band needs (all bands in one chunk: the common layout); else the list itself
+    (orthogonal indexing reads only the chunks of those bands, e.g. one band per chunk)."""
+    lo, hi = min(wanted), max(wanted) + 1
+    if len({i // band_chunk for i in wanted}) < (hi - 1) // band_chunk - lo // band_chunk + 1:
+        return list(wanted), None
+    picks = [i - lo for i in wanted]
+    return slice(lo, hi), None if picks == list(range(hi - lo)) else picks
+
+
 # ------------------------------------------------------------------------------------- grid
 
 

@@ -94,6 +94,22 @@ def test_band_labels() -> None:
         L.band_labels(np.array(["a", "a"]), 2)
 
 
+@pytest.mark.parametrize(
+    ("wanted", "chunk", "want"),
+    [
+        ([3, 0], 4, (slice(0, 4), [3, 0])),  # one chunk holds every band: read the span, pick
+        ([0, 1, 2], 4, (slice(0, 3), None)),  # already in order: nothing to pick
+        ([2], 1, (slice(2, 3), None)),
+        ([3, 0], 1, ([3, 0], None)),  # one band per chunk: only those two chunks
+        ([1, 2], 2, (slice(1, 3), None)),  # two chunks either way
+        ([0, 5], 2, ([0, 5], None)),  # the span would read the chunk of bands 2-3 for nothing
+        ([4, 5], 2, (slice(4, 6), None)),
+    ],
+)
+def test_band_selection_reads_a_span_unless_it_touches_more_chunks(wanted: list[int], chunk: int, want: tuple) -> None:
+    assert L.band_selection(wanted, chunk) == want
+
+
 # -------------------------------------------------------------------------------- grid
 
 
