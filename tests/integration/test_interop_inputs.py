@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +187,18 @@ def test_changescore_equals_the_rasterkube_store(corpus: dict[str, interop.Case]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
+def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[int, str]]:
+    """One model per input channel count; their shared deployments (one per model, reused by
+    every case) are deleted when the module is done, so no app outlives these tests."""
+    from rasterkube.predict import serving
+
     root = tmp_path_factory.mktemp("models")
-    return {c: str(conv_pt2(root / f"conv{c}.pt2", c, 2, patch=PATCH, layers=3)) for c in (2, 3)}
+    yield {c: str(conv_pt2(root / f"conv{c}.pt2", c, 2, patch=PATCH, layers=3)) for c in (2, 3)}
+    for app in DEPLOYMENTS:
+        serving.delete(app)
+
+
+DEPLOYMENTS: set[str] = set()
 
 
 @ray
@@ -208,7 +218,7 @@ def test_prediction_equals_the_rasterkube_store(corpus: dict[str, interop.Case],
     # batch shapes round differently, and DN-scale inputs amplify that through the tanh.
     chunk = geozarr.describe(case.uri).chunks[2]
     out = str(tmp_path / "pred.zarr")
-    run_job(predict(case.uri, out), max_in_flight=1)
+    DEPLOYMENTS.add(run_job(predict(case.uri, out), max_in_flight=1).summary["deployment"])
     _same_raster(out, references.output("Prediction", case, predict, chunk, max_in_flight=1))
 
 
