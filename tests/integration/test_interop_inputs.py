@@ -141,6 +141,7 @@ def test_refusal_on_the_command_line_exits_2_without_a_traceback(tmp_path: Path)
     assert not (tmp_path / "out").exists()
 
 
+@ray
 def test_the_crash_of_issue_13_vectorizes(corpus: dict[str, interop.Case], tmp_path: Path) -> None:
     """Regression: plain xarray to_zarr (zarr v3) writes the NaN _FillValue as base64
     ('AAAAAAAA+H8='); the Vectorization read that raw attribute and failed on float()."""
