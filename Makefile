@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_vectorize.py --json out/bench/vectorize.json
 	$(PY) bench/bench_mosaic.py --json out/bench/mosaic.json
 	$(PY) bench/bench_predict.py --json out/bench/predict.json
+	$(PY) bench/bench_reads.py --json out/bench/reads.json
 
 bench-operator: $(STAMP)
 	$(PY) bench/bench_operator.py --json out/bench/operator.json

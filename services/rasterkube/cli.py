@@ -91,9 +91,10 @@ def cmd_samples(args: argparse.Namespace) -> int:
 
 
 def cmd_multiscales(args: argparse.Namespace) -> int:
-    from rasterkube import multiscale
+    from rasterkube import geozarr, multiscale, storage
     from rasterkube.runtime.executor import ensure_ray
 
+    multiscale.check_rewritable(geozarr.describe(storage.normalize(args.store)))  # before Ray starts
     ensure_ray()
     grids = multiscale.build_committed(args.store, min_size=args.min_size or multiscale.MIN_SIZE)
     for level, grid in enumerate(grids):

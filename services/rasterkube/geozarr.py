@@ -3,6 +3,16 @@
 All raster outputs (mosaics, predictions, scores) share this layout (DESIGN §3). Jobs create
 the store's metadata once on the driver, workers write disjoint chunk-aligned regions, and
 :func:`finalize` consolidates the metadata into the root ``zarr.json`` before the commit.
+Outputs also carry the CF ``spatial_ref`` grid-mapping variable (``crs_wkt``, ``spatial_ref``,
+``GeoTransform``) named by each raster's ``grid_mapping`` attribute, so rioxarray, odc-geo
+and GDAL find their CRS and transform too.
+
+Reading is one layer for every service: :func:`describe` opens any store — rasterkube's, or
+one written by xarray (zarr v2 or v3), rioxarray or odc-stac — and normalises what it says
+into a :class:`StoreInfo` (grid, times, bands, nodata, and a
+:class:`~rasterkube.storelayout.SourceLayout` saying how to read it; the interpretation is
+the pure functions of :mod:`rasterkube.storelayout`). :func:`read_block` reads any window of
+it as decoded (time, band, y, x) values, touching only the chunks the window needs.
 Everything here is I/O; the numerics live elsewhere.
 """
 
@@ -18,9 +28,11 @@ import xarray as xr
 import zarr
 
 from rasterkube import storage
-from rasterkube.constants import DATA_VAR
+from rasterkube import storelayout as L
+from rasterkube.constants import DATA_VAR, DIMS
 from rasterkube.errors import UserError
 from rasterkube.grid import GeoGrid, Window, conventions
+from rasterkube.storelayout import SourceLayout
 
 TIME_UNITS: Final = "seconds since 1970-01-01T00:00:00"
 TIME_ATTRS: Final = {"units": TIME_UNITS, "calendar": "proleptic_gregorian", "standard_name": "time"}
@@ -31,6 +43,14 @@ MAX_CHUNK_BYTES: Final = 32 * 1024 * 1024
 # xarray's DataTree requires child groups to align with their parents, so root (y, x) arrays
 # and coarser children cannot coexist. Readers here resolve that group transparently.
 MULTISCALES_ATTR: Final = "multiscales"
+#: The CF grid-mapping variable of every output, and the attributes naming it on each raster.
+SPATIAL_REF: Final = L.SPATIAL_REF
+GRID_MAPPING_ATTRS: Final = {L.GRID_MAPPING_ATTR: SPATIAL_REF, "coordinates": SPATIAL_REF}
+#: Root metadata files: zarr v3 (``zarr.json``) or v2 (``.zgroup``, written by zarr v2 writers).
+ROOT_METADATA_FILES: Final = ("zarr.json", ".zgroup")
+CONVENTIONS_ATTR: Final = "zarr_conventions"
+#: numpy kinds of the values a raster may hold: bool, signed and unsigned integers, floats.
+NUMERIC_KINDS: Final = "biuf"
 
 
 class StoreError(UserError):
@@ -90,6 +110,12 @@ def open_data_array(uri: str, data_var: str, mode: str = "r") -> zarr.Array:
     return group[_join_path(level0_group(dict(group.attrs)), data_var)]  # type: ignore[return-value]
 
 
+def _open_array(uri: str, path: str) -> zarr.Array:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return zarr.open_array(_store(uri, read_only=True), path=path, mode="r")
+
+
 def to_epoch_seconds(times: Sequence[np.datetime64] | np.ndarray) -> np.ndarray:
     return np.asarray(times, dtype="datetime64[s]").astype(np.int64)
 
@@ -107,6 +133,13 @@ class StoreInfo:
     chunks: tuple[int, int, int, int]
     data_vars: tuple[str, ...]
     attrs: dict[str, Any] = field(default_factory=dict)
+    #: How to read it (see :func:`read_block`); ``None`` only for a store being created.
+    layout: L.SourceLayout | None = None
+    #: A value that marks missing pixels besides NaN (the zarr fill value of rasterkube's own
+    #: integer stores, e.g. 255 in uint8); None when NaN is the only nodata. Foreign stores'
+    #: nodata is already NaN after decoding.
+    nodata: float | None = None
+    zarr_format: int = 3
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -151,7 +184,7 @@ def create(
         fill_value = np.nan if dtype.kind == "f" else 0
     chunks = default_chunks(len(bands), dtype.itemsize, chunk_size)
     chunks = (1, chunks[1], min(chunks[2], grid.shape[0]), min(chunks[3], grid.shape[1]))
-    group_attrs = {**grid.to_attrs(), "zarr_conventions": conventions(), **(attrs or {})}
+    group_attrs = {**grid.to_attrs(), CONVENTIONS_ATTR: conventions(), **(attrs or {})}
     group = _open_group(uri, mode="w")
     group.attrs.update(group_attrs)
     shape = (len(times), len(bands), *grid.shape)
@@ -161,10 +194,11 @@ def create(
         chunks=chunks,
         dtype=dtype,
         fill_value=fill_value,
-        dimension_names=("time", "band", "y", "x"),
-        attributes={"grid_mapping_convention": "proj:"},
+        dimension_names=DIMS,
+        attributes={"grid_mapping_convention": "proj:", **GRID_MAPPING_ATTRS},
     )
-    _coord(group, "time", to_epoch_seconds(times), TIME_ATTRS)
+    write_spatial_ref(group, grid)
+    _coord(group, "time", to_epoch_seconds(times), time_attrs(times))
     _coord(group, "band", np.asarray(list(bands), dtype=str), {"long_name": "band label"})
     _coord(group, "y", grid.y_coords(), {"standard_name": "projection_y_coordinate", "axis": "Y"})
     _coord(group, "x", grid.x_coords(), {"standard_name": "projection_x_coordinate", "axis": "X"})
@@ -180,7 +214,24 @@ def create(
         chunks=chunks,  # type: ignore[arg-type]
         data_vars=(data_var,),
         attrs=group_attrs,
+        layout=L.SourceLayout(uri, (L.ArrayRef(data_var, DIMS, "y", "x", "time", "band"),),
+                              tuple((0, i) for i in range(len(bands))), dtype, True, len(times)),  # fmt: skip
     )
+
+
+def time_attrs(times: Sequence[np.datetime64] | np.ndarray) -> dict[str, Any]:
+    """CF attributes of a time coordinate; a missing time (NaT: a source without dates) is
+    stored as int64 min with that as ``_FillValue``, which xarray decodes back to NaT."""
+    if np.isnat(np.asarray(times, dtype="datetime64[s]")).any():
+        return {**TIME_ATTRS, "_FillValue": int(np.iinfo(np.int64).min)}
+    return dict(TIME_ATTRS)
+
+
+def write_spatial_ref(group: zarr.Group, grid: GeoGrid) -> None:
+    """The CF grid-mapping variable (a 0-d array, as rioxarray writes it) for ``grid``."""
+    arr = group.create_array(SPATIAL_REF, shape=(), dtype="int64", dimension_names=(),
+                             attributes=grid.cf_grid_mapping(), overwrite=True)  # fmt: skip
+    arr[...] = 0
 
 
 def _coord(group: zarr.Group, name: str, values: np.ndarray, attrs: dict[str, Any], dim: str | None = None) -> None:
@@ -203,7 +254,8 @@ def add_variable(
     else:
         shape, chunks = (len(like.times), n_bands, *like.grid.shape), (1, n_bands, *like.chunks[2:])
         dims = ("time", "band", "y", "x")
-    group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value, dimension_names=dims)
+    group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value, dimension_names=dims,
+                       attributes=dict(GRID_MAPPING_ATTRS))  # fmt: skip
 
 
 def write_region(uri: str, data_var: str, window: Window, data: np.ndarray, time: slice | int = slice(None)) -> None:
@@ -223,54 +275,220 @@ def read_region(
     band_indices: Sequence[int] | None = None,
     time: slice = slice(None),
 ) -> np.ndarray:
-    """Read (time, band, y, x) of ``window``; bands picked in the order given.
+    """Read (time, band, y, x) of ``window`` of any store :func:`describe` accepts; bands
+    picked in the order given. Describes the store first: jobs describe once and call
+    :func:`read_block` with the layout."""
+    layout = describe(uri, data_var).layout
+    assert layout is not None
+    return read_block(layout, window, band_indices, time)
 
-    Works on plain and multiscale stores alike (the full-resolution level is read)."""
-    arr = open_data_array(uri, data_var)
-    ys, xs = window.slices
-    block = arr[time, :, ys, xs]
-    if band_indices is not None and list(band_indices) != list(range(arr.shape[1])):
-        block = block[:, list(band_indices)]
-    return np.asarray(block)
+
+def read_block(
+    layout: L.SourceLayout,
+    window: Window,
+    band_indices: Sequence[int] | None = None,
+    time: slice = slice(None),
+    step: int = 1,
+) -> np.ndarray:
+    """Decoded (time, band, y, x) values of ``window`` (every ``step``-th pixel), bands in the
+    order given. Reads only the chunks the window touches; plain and multiscale stores alike
+    (the layout points at the full-resolution level).
+
+    rasterkube's own layout is read as it is. Other layouts are read per array in their own dim
+    order, decoded with xarray's CF decoding (scale/offset applied, nodata → NaN) and put in
+    (time, band, y, x) order."""
+    wanted = list(range(len(layout.bands))) if band_indices is None else [int(i) for i in band_indices]
+    ys = slice(window.y0, window.y1, step)
+    xs = slice(window.x0, window.x1, step)
+    if layout.native:
+        arr = _open_array(layout.uri, layout.arrays[0].path)
+        block = arr[time, :, ys, xs]
+        if wanted != list(range(arr.shape[1])):
+            block = block[:, wanted]
+        return np.asarray(block)
+    shape = (len(range(layout.n_times)[time]), len(wanted), len(range(window.y0, window.y1, step)),
+             len(range(window.x0, window.x1, step)))  # fmt: skip
+    out = np.empty(shape, dtype=layout.dtype)
+    by_array: dict[int, list[tuple[int, int | None]]] = {}
+    for position, band in enumerate(wanted):
+        array_index, along = layout.bands[band]
+        by_array.setdefault(array_index, []).append((position, along))
+    for array_index, members in by_array.items():
+        ref = layout.arrays[array_index]
+        arr = _open_array(layout.uri, ref.path)
+        picks: dict[str, Any] = {L.TIME: time, L.Y: ys, L.X: xs}
+        after: list[int] | None = None
+        if ref.band_dim is not None:
+            along = [int(i) for _, i in members if i is not None]
+            picks[L.BAND], after = L.band_selection(along, arr.chunks[ref.dims.index(ref.band_dim)])
+        key = tuple(picks[ref.axis_of(d)] for d in ref.dims)
+        raw = arr.oindex[key] if isinstance(picks.get(L.BAND), list) else arr[key]
+        if after is not None:  # the bands asked for, out of the span read
+            raw = np.take(raw, after, axis=ref.dims.index(ref.band_dim))  # type: ignore[arg-type]
+        out[:, [p for p, _ in members]] = to_canonical(decode(np.asarray(raw), ref), ref)
+    return out
+
+
+def decode(raw: np.ndarray, ref: L.ArrayRef) -> np.ndarray:
+    """Raw values of ``ref`` decoded by xarray's CF decoding (its ``cf`` attributes)."""
+    if not ref.cf:
+        return raw
+    from xarray.conventions import decode_cf_variable
+
+    variable = xr.Variable(ref.dims, raw, attrs=dict(ref.cf))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SerializationWarning on e.g. a _FillValue/missing_value pair
+        decoded = decode_cf_variable(ref.path, variable, mask_and_scale=True, decode_times=False,
+                                     decode_timedelta=False)  # fmt: skip
+    return np.asarray(decoded.values)
+
+
+def to_canonical(data: np.ndarray, ref: L.ArrayRef) -> np.ndarray:
+    """An array in ``ref.dims`` order → (time, band, y, x), length-1 axes for absent time/band."""
+    present = [ref.axis_of(d) for d in ref.dims]
+    data = np.transpose(data, [present.index(axis) for axis in DIMS if axis in present])
+    if ref.time_dim is None:
+        data = data[None]
+    if ref.band_dim is None:
+        data = data[:, None]
+    return data
+
+
+def decoded_dtype(raw_dtype: np.dtype, ref: L.ArrayRef) -> np.dtype:
+    """The dtype :func:`decode` gives for ``raw_dtype`` values (int16 + scale_factor → float…)."""
+    probe = np.zeros((1,) * len(ref.dims), dtype=raw_dtype)
+    return decode(probe, ref).dtype
+
+
+def is_complete(uri: str) -> bool:
+    """A committed rasterkube store (``zarr.json``) or a zarr v2 store (``.zgroup``)."""
+    fs, path = storage.filesystem(uri)
+    return any(fs.exists(f"{path.rstrip('/')}/{name}") for name in ROOT_METADATA_FILES)
+
+
+def _open_xarray(uri: str, group: str | None) -> xr.Dataset:
+    """The store as xarray sees it, undecoded values (CF attributes kept), decoded times and
+    coordinates; nothing but metadata and 1-d coordinates is read."""
+    opts = storage.storage_options(uri)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return xr.open_zarr(uri, group=group or None, consolidated=None, storage_options=opts or None,
+                            mask_and_scale=False, decode_coords="all", decode_timedelta=False,
+                            chunks=None)  # fmt: skip
 
 
 def describe(uri: str, data_var: str = DATA_VAR) -> StoreInfo:
-    """Read a committed store's layout, with errors that say what is wrong and what to do."""
+    """Read a committed store's layout, with errors that say what is wrong and what to do.
+
+    Any store whose grid, dims and bands :mod:`rasterkube.storelayout` can read: rasterkube's
+    own, and those xarray, rioxarray and odc-stac write (README "Stores from other tools")."""
     if not storage.exists(uri):
         raise StoreError(f"{uri} does not exist; check the URI or run the resource that produces it first")
-    if not storage.is_committed(uri):
-        raise StoreError(f"{uri} is not a complete store (no zarr.json): a run may have failed; run it again")
+    if not is_complete(uri):
+        raise StoreError(f"{uri} is not a complete store (no zarr.json, nor .zgroup of zarr v2): a run may have "
+                         "failed; run it again")
     try:
         group = _open_group(uri)
     except Exception as exc:  # zarr raises several types for a non-zarr directory
         raise StoreError(f"{uri} is not a Zarr store: {exc}") from None
     attrs = dict(group.attrs)
-    try:
-        grid = GeoGrid.from_attrs(attrs)
-    except ValueError as exc:
-        raise StoreError(f"{uri}: {exc}") from None
     base = level0_group(attrs)
-    if base:
-        group = group[base]  # type: ignore[assignment]
-    names = tuple(sorted(k for k, v in group.members() if isinstance(v, zarr.Array) and v.ndim >= 3))
-    if data_var not in names:
-        raise StoreError(f"{data_var!r} is not a variable of {uri} (it has {', '.join(names) or 'none'})", "dataVar")
-    arr = group[data_var]
-    if arr.ndim != 4 or tuple(arr.metadata.dimension_names or ()) != ("time", "band", "y", "x"):
-        raise StoreError(f"{data_var!r} in {uri} must have dims (time, band, y, x)", "dataVar")
-    times = np.asarray(group["time"][:], dtype=np.int64).astype("datetime64[s]")
-    bands = tuple(str(b) for b in group["band"][:])
-    return StoreInfo(
-        uri=uri,
-        grid=grid,
-        times=times,
-        bands=bands,
-        data_var=data_var,
-        dtype=arr.dtype,
-        chunks=tuple(arr.chunks),  # type: ignore[arg-type]
-        data_vars=names,
-        attrs=attrs,
-    )
+    level = group[base] if base else group
+    assert isinstance(level, zarr.Group)
+    grid_attrs = {**attrs, **dict(level.attrs)}
+    try:
+        ds = _open_xarray(uri, base)
+    except Exception as exc:  # noqa: BLE001 — whatever xarray cannot open, the user must fix
+        raise StoreError(f"{uri}: xarray cannot open it ({type(exc).__name__}: {exc}); write it with xarray's to_zarr") from None
+    try:
+        return _interpret(uri, base, attrs, grid_attrs, ds, level, data_var)
+    except L.LayoutError as exc:
+        raise StoreError(exc.about(uri), exc.field) from None
+
+
+def _interpret(uri: str, base: str, attrs: dict[str, Any], grid_attrs: dict[str, Any], ds: xr.Dataset,
+               level: zarr.Group, data_var: str) -> StoreInfo:  # fmt: skip
+    """A StoreInfo from what xarray and zarr report (metadata only; the rules are storelayout's)."""
+    spatial_dims = grid_attrs.get("spatial:dimensions")
+    variables = {str(name): tuple(str(d) for d in v.dims) for name, v in ds.data_vars.items()}
+    names = L.choose_arrays(data_var, variables, spatial_dims)
+    first = ds[names[0]]
+    axes = L.canonical_axes(variables[names[0]], spatial_dims)
+    refs, raw_dtypes = [], []
+    for name in names:
+        var = ds[name]
+        ax = L.canonical_axes(variables[name], spatial_dims)
+        raw_dtypes.append(np.dtype(var.dtype))
+        refs.append(L.ArrayRef(_join_path(base, name), variables[name], ax[L.Y], ax[L.X], ax.get(L.TIME),
+                               ax.get(L.BAND), L.cf_decoding(var.attrs, var.dtype)))  # fmt: skip
+    if len(names) == 1 and L.BAND in axes:
+        band_dim = axes[L.BAND]
+        coord = ds[band_dim].values if band_dim in ds.coords else None
+        bands = L.band_labels(coord, ds.sizes[band_dim])
+        band_refs = tuple((0, i) for i in range(len(bands)))
+    else:
+        bands = tuple(names)
+        band_refs = tuple((i, None) for i in range(len(names)))
+    times = _times(ds, axes.get(L.TIME))
+    grid_mapping = _grid_mapping(ds, first)
+    ys = _coord_values(ds, axes[L.Y])
+    xs = _coord_values(ds, axes[L.X])
+    var_grid_attrs = {k: v for k, v in first.attrs.items() if str(k).startswith(("proj:", "spatial:"))}
+    grid = L.grid_from_metadata({**var_grid_attrs, **grid_attrs}, grid_mapping,
+                                (ds.sizes[axes[L.Y]], ds.sizes[axes[L.X]]), ys, xs)  # fmt: skip
+    for name, raw in zip(names, raw_dtypes, strict=True):
+        if raw.kind not in NUMERIC_KINDS:
+            raise L.LayoutError(f"{name!r} holds {raw} values; rasterkube reads numbers (bool, integers, floats)")
+    dtype = np.result_type(*(decoded_dtype(d, r) for d, r in zip(raw_dtypes, refs, strict=True)))
+    native = L.is_native(variables[names[0]], refs[0].cf, len(refs))
+    arr = level[names[0]]
+    assert isinstance(arr, zarr.Array)
+    source_chunks = dict(zip(variables[names[0]], arr.chunks, strict=True))
+    chunks = L.plan_chunks(source_chunks, axes, len(bands))
+    if native and CONVENTIONS_ATTR in attrs:  # a GeoZarr writer's chunks as they are: blocks align with them
+        chunks = tuple(int(c) for c in arr.chunks)  # type: ignore[assignment]
+    nodata = None
+    if native and arr.fill_value is not None and not np.isnan(float(arr.fill_value)):
+        nodata = float(arr.fill_value)
+    layout = L.SourceLayout(uri, tuple(refs), band_refs, np.dtype(dtype), native, len(times))
+    return StoreInfo(uri=uri, grid=grid, times=times, bands=bands, data_var=names[0] if len(names) == 1 else data_var,
+                     dtype=np.dtype(dtype), chunks=chunks, data_vars=tuple(sorted(variables)), attrs=attrs,
+                     layout=layout, nodata=nodata, zarr_format=int(level.metadata.zarr_format))  # fmt: skip
+
+
+def _times(ds: xr.Dataset, time_dim: str | None) -> np.ndarray:
+    """datetime64[s] of the time dim; one step (the scalar ``time`` coordinate, else NaT) without."""
+    if time_dim is None:
+        scalar = ds.coords.get("time")
+        if scalar is not None and scalar.ndim == 0 and np.issubdtype(scalar.dtype, np.datetime64):
+            return np.asarray([scalar.values], dtype="datetime64[s]")
+        return np.asarray([np.datetime64("NaT")], dtype="datetime64[s]")
+    if time_dim not in ds.coords:
+        raise L.LayoutError(f"its {time_dim!r} dim has no coordinate; add the dates: "
+                            f"`ds = ds.assign_coords({time_dim}=dates)`")  # fmt: skip
+    values = ds[time_dim].values
+    if not np.issubdtype(values.dtype, np.datetime64):
+        raise L.LayoutError(
+            f"its {time_dim!r} coordinate holds {values.dtype} values, not dates; store datetime64 values, or give it "
+            f"CF units, e.g. `ds['{time_dim}'].attrs['units'] = 'days since 2020-01-01'`"
+        )
+    return np.asarray(values, dtype="datetime64[s]")
+
+
+def _grid_mapping(ds: xr.Dataset, var: xr.DataArray) -> dict[str, Any] | None:
+    """Attributes of the variable's CF grid mapping (``grid_mapping``, else ``spatial_ref``)."""
+    name = var.encoding.get(L.GRID_MAPPING_ATTR) or var.attrs.get(L.GRID_MAPPING_ATTR)
+    if isinstance(name, str) and name:
+        name = name.split(":")[0].split()[0]  # CF's extended form "crs: x y" names it first
+    if not name or name not in ds.variables:
+        name = SPATIAL_REF if SPATIAL_REF in ds.variables else None
+    return dict(ds[name].attrs) if name else None
+
+
+def _coord_values(ds: xr.Dataset, dim: str) -> np.ndarray | None:
+    if dim in ds.coords and ds[dim].ndim == 1:
+        return np.asarray(ds[dim].values)
+    return None
 
 
 def finalize(uri: str) -> None:
@@ -288,4 +506,4 @@ def open_dataset(uri: str) -> xr.Dataset:
     group = level0_group(dict(_open_group(uri).attrs)) or None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return xr.open_zarr(uri, group=group, consolidated=True, storage_options=opts or None, zarr_format=3)
+        return xr.open_zarr(uri, group=group, consolidated=None, storage_options=opts or None)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -23,6 +25,14 @@ SPATIAL_CONVENTION: Final = {
     "description": "Spatial coordinate information",
 }
 SPATIAL_DIMS: Final = ["y", "x"]
+#: ``proj:`` attributes that carry a CRS, in order of preference.
+PROJ_CRS_KEYS: Final = ("proj:code", "proj:wkt2", "proj:projjson")
+_AUTH_CODE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*:[A-Za-z0-9_.-]+$")
+
+
+def proj_attrs(crs: str) -> dict[str, Any]:
+    """``proj:code`` for an ``AUTH:CODE`` CRS, else ``proj:wkt2`` (a CRS with no code)."""
+    return {"proj:code": crs} if _AUTH_CODE.match(crs) else {"proj:wkt2": crs}
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,7 @@ class GeoGrid:
 
     def to_attrs(self) -> dict[str, Any]:
         return {
-            "proj:code": self.crs,
+            **proj_attrs(self.crs),
             "spatial:dimensions": SPATIAL_DIMS,
             "spatial:transform": list(self.transform),
             "spatial:shape": list(self.shape),
@@ -112,13 +122,36 @@ class GeoGrid:
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> GeoGrid:
+        """The grid of the ``proj:``/``spatial:`` attributes (rasterkube's own stores; see
+        :func:`rasterkube.storelayout.grid_from_metadata` for what other writers declare)."""
+        crs_key = next((k for k in PROJ_CRS_KEYS if attrs.get(k)), None)
         try:
             transform = tuple(float(v) for v in attrs["spatial:transform"])
             shape = tuple(int(v) for v in attrs["spatial:shape"])
-            crs = str(attrs["proj:code"])
+            if crs_key is None:
+                raise KeyError(PROJ_CRS_KEYS[0])
         except KeyError as exc:
             raise ValueError(f"store has no {exc.args[0]} attribute: not a GeoZarr store written by rasterkube") from None
+        value = attrs[crs_key]
+        crs = value if isinstance(value, str) else json.dumps(value)  # proj:projjson is an object
         return cls(crs, transform, shape)  # type: ignore[arg-type]
+
+    def cf_grid_mapping(self) -> dict[str, Any]:
+        """Attributes of the CF grid-mapping variable (``spatial_ref``) as rioxarray writes them:
+        the CRS as WKT (``crs_wkt`` and GDAL's ``spatial_ref``), its CF parameters, and GDAL's
+        ``GeoTransform`` — what rioxarray, odc-geo and GDAL read; ``proj:``/``spatial:`` stay
+        the store's primary convention (DESIGN §3)."""
+        from pyproj import CRS
+
+        crs = CRS.from_user_input(self.crs)
+        wkt = crs.to_wkt()
+        try:
+            cf = {k: v for k, v in crs.to_cf().items() if k != "crs_wkt"}
+        except Exception:  # noqa: BLE001 — a CRS without a CF form still has its WKT
+            cf = {}
+        a, b, c, d, e, f = self.transform
+        return {**cf, "crs_wkt": wkt, "spatial_ref": wkt,
+                "GeoTransform": " ".join(repr(float(v)) for v in (c, a, b, f, d, e))}  # fmt: skip
 
 
 def conventions() -> list[dict[str, str]]:

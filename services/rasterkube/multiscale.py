@@ -320,7 +320,9 @@ def _create_level(uri: str, level: int, grid: GeoGrid, base: zarr.Group, attrs: 
     for name, arr in base.arrays():
         dims = tuple(arr.metadata.dimension_names or ())
         common = {"dimension_names": dims, "attributes": dict(arr.attrs)}
-        if dims in ((SPATIAL_DIMS[0],), (SPATIAL_DIMS[1],)):
+        if name == geozarr.SPATIAL_REF:  # the CF grid mapping: this level's GeoTransform
+            geozarr.write_spatial_ref(group, grid)
+        elif dims in ((SPATIAL_DIMS[0],), (SPATIAL_DIMS[1],)):
             values = grid.y_coords() if dims == (SPATIAL_DIMS[0],) else grid.x_coords()
             coord = group.create_array(name, shape=values.shape, dtype=values.dtype, **common)
             coord[:] = values
@@ -446,12 +448,27 @@ def _copy_tree(src_uri: str, dst_uri: str) -> None:
     shutil.copytree(src_uri, dst_uri, copy_function=link_or_copy)
 
 
+def check_rewritable(info: geozarr.StoreInfo) -> None:
+    """A pyramid is built by rewriting the store in place (its arrays move into level ``0``):
+    only for stores in rasterkube's own layout. Another tool's store (per-band variables,
+    other dims, CF-packed values, zarr v2) would no longer read in that tool, so it is refused
+    with how to get a pyramid instead."""
+    if info.layout is not None and info.layout.native and info.zarr_format == 3:
+        return
+    raise geozarr.StoreError(
+        f"{info.uri} is not in rasterkube's layout (one zarr v3 'variables' array (time, band, y, x) of plain values), "
+        "and a pyramid is built by rewriting the store in place, which would break it for the tool that wrote it; "
+        "run a resource on it with spec.output.multiscales: true, or copy it into rasterkube's layout first "
+        "(README: Stores from other tools)"
+    )
+
+
 def build_committed(uri: str, *, reporter: Reporter | None = None, min_size: int = MIN_SIZE) -> list[GeoGrid]:
     """Add (or rebuild) the pyramid of a committed store atomically: copy it to a temporary
     sibling, :func:`build` there, consolidate, commit over the original. Readers see the old
     store until the commit, and a failure leaves it untouched (`rasterkube multiscales`)."""
     uri = storage.normalize(uri)
-    geozarr.describe(uri)  # fails with a clear message unless it is a complete GeoZarr store
+    check_rewritable(geozarr.describe(uri))  # a clear message unless it is a complete rasterkube store
     tmp = storage.temporary_uri(uri)
     storage.remove(tmp)
     try:

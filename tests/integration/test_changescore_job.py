@@ -192,7 +192,7 @@ def test_cluster_transition_by_blocks_equals_whole_array(tmp_path: Path, method:
     resource = ChangeScore.model_validate(req.resource)
     info = geozarr.describe(src)
     window = service.selector_window(None, info.grid)
-    model = service.fit_clusters(resource.spec, info, [0, 1], window, src)
+    model = service.fit_clusters(resource.spec, info, [0, 1], window)
     want = clustering.cluster_bands(data.reshape(3, 2, -1), model).reshape(3, 2, 300, 270)
     np.testing.assert_array_equal(got[:, 1:], want)
     _, diff = expected(data, ["difference"], "euclidean", False)

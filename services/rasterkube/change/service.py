@@ -97,8 +97,7 @@ def _bbox_to_crs(bbox: tuple[float, ...], src: str, dst: str) -> tuple[float, fl
 class BlockParams:
     """Everything a block task needs; put in the Ray object store once."""
 
-    source_uri: str
-    data_var: str
+    source: geozarr.SourceLayout
     band_indices: tuple[int, ...]
     offset: tuple[int, int]
     methods: tuple[str, ...]
@@ -128,7 +127,7 @@ def score_block(block: Window, p: BlockParams) -> int:
     source = shift(block, *p.offset)
     parts = []
     for strip in row_strips(source, STRIP_PIXELS):
-        x = geozarr.read_region(p.source_uri, p.data_var, strip, p.band_indices)
+        x = geozarr.read_block(p.source, strip, p.band_indices)
         t, b, h, w = x.shape
         values = score_strip(x.reshape(t, b, h * w), p)
         parts.append(values.reshape(t, values.shape[1], h, w))
@@ -155,12 +154,12 @@ def preflight(resource: ChangeScore, request: JobRequest) -> tuple[geozarr.Store
     is_int8 = np.dtype(info.dtype) == np.int8
     if spec.distance == Distance.ALPHA_EARTH_COSINE and not is_int8:
         raise UserError(
-            f"spec.distance: alphaEarthCosine expects int8 AlphaEarth embeddings, but {spec.data_var} is {info.dtype}; "
+            f"spec.distance: alphaEarthCosine expects int8 AlphaEarth embeddings, but {info.data_var} is {info.dtype}; "
             "use cosine for de-quantized float embeddings"
         )
     if is_int8 and spec.distance != Distance.ALPHA_EARTH_COSINE:
         raise UserError(
-            f"spec.distance: {spec.data_var} holds int8 values (quantized embeddings?); use alphaEarthCosine"
+            f"spec.distance: {info.data_var} holds int8 values (quantized embeddings?); use alphaEarthCosine"
         )
     return info, band_idx, selector_window(spec.selector, info.grid)
 
@@ -174,9 +173,7 @@ def sample_windows(window: Window, grid: int = SAMPLE_GRID, side: int = SAMPLE_S
     return [Window(window.y0 + y, window.y0 + y + sy, window.x0 + x, window.x0 + x + sx) for y in ys for x in xs]
 
 
-def sample_features(
-    source_uri: str, data_var: str, band_idx: list[int], window: Window, metric: str
-) -> list[np.ndarray]:
+def sample_features(source: geozarr.SourceLayout, band_idx: list[int], window: Window, metric: str) -> list[np.ndarray]:
     """Per time step, up to SAMPLE_PIXELS valid feature vectors drawn from the whole window
     (deterministic: a fixed seed). I/O on the driver, one small window at a time."""
     windows = sample_windows(window)
@@ -184,7 +181,7 @@ def sample_features(
     rng = np.random.default_rng(SAMPLE_SEED)
     parts: list[list[np.ndarray]] = []
     for win in windows:
-        x = geozarr.read_region(source_uri, data_var, win, band_idx)
+        x = geozarr.read_block(source, win, band_idx)
         t, b, h, w = x.shape
         feats, valid = clustering.raw_features(x.reshape(t, b, h * w), metric)
         parts = parts or [[] for _ in range(t)]
@@ -196,10 +193,10 @@ def sample_features(
     return [np.concatenate(p) for p in parts]
 
 
-def fit_clusters(spec: ChangeScoreSpec, info: geozarr.StoreInfo, band_idx: list[int], window: Window,
-                 source_uri: str) -> clustering.ClusterModel:  # fmt: skip
+def fit_clusters(spec: ChangeScoreSpec, info: geozarr.StoreInfo, band_idx: list[int], window: Window) -> clustering.ClusterModel:
     """Global clusters for clusterTransition, fitted before the blocks (which only assign)."""
-    samples = sample_features(source_uri, spec.data_var, band_idx, window, spec.distance)
+    assert info.layout is not None
+    samples = sample_features(info.layout, band_idx, window, spec.distance)
     k = spec.clustering.k
     for step, sample in enumerate(samples):
         if len(sample) < k:
@@ -222,7 +219,7 @@ def run(
     model = None
     if ChangeMethod.CLUSTER_TRANSITION in spec.methods:
         reporter.progress(0, "sampling pixels for clusterTransition")
-        model = fit_clusters(spec, info, band_idx, window, request.source_uri)
+        model = fit_clusters(spec, info, band_idx, window)
     blocks_lo = SAMPLE_PERCENT if model is not None else 0
     blocks_hi = MULTISCALE_PERCENT if spec.output.multiscales else BLOCKS_PERCENT
     out_grid = info.grid.window(window)
@@ -240,9 +237,9 @@ def run(
         chunk_size=info.chunks[2],
         attrs=attrs,
     )
+    assert info.layout is not None
     params = BlockParams(
-        source_uri=request.source_uri,
-        data_var=spec.data_var,
+        source=info.layout,
         band_indices=tuple(band_idx),
         offset=(window.y0, window.x0),
         methods=tuple(spec.methods),

@@ -466,7 +466,7 @@ class Client:
         for uri in uris:  # fails early, before Ray starts, unless every store is complete
             from rasterkube.geozarr import describe
 
-            describe(uri)
+            multiscale.check_rewritable(describe(uri))
         ensure_ray()
         levels: list[list[int]] = []
         for uri in uris:

@@ -66,8 +66,7 @@ class Prepared:
 class BlockParams:
     """Everything a block task needs; put in the Ray object store once."""
 
-    source_uri: str
-    data_var: str
+    source: geozarr.SourceLayout
     feature_indices: tuple[int, ...]
     image_shape: tuple[int, int]
     patch_size: int
@@ -152,7 +151,7 @@ def _model_inputs(x: np.ndarray, time_stacked: bool) -> list[np.ndarray]:
 def predict_block(block: Window, p: BlockParams) -> int:
     """Predict one output block (a Ray task). Returns the number of patches predicted."""
     halo = windows.halo_block(block, p.clip_size, p.image_shape)
-    x = geozarr.read_region(p.source_uri, p.data_var, halo.read, p.feature_indices).astype(np.float32, copy=False)
+    x = geozarr.read_block(p.source, halo.read, p.feature_indices).astype(np.float32, copy=False)
     origins = windows.patch_origins(*block.shape, p.patch_size, p.clip_size)
     inner = halo.block_in_read.slices
     predictor = serving.ServePredictor(p.app)
@@ -238,9 +237,9 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
         share = spec.serving.share_deployment
         reused = serving.deploy(config, app, share, on_wait=lambda msg: reporter.progress(2, msg))
         reporter.progress(DEPLOY_PERCENT, "reusing running deployment" if reused else "model deployed")
+        assert info.layout is not None
         params = BlockParams(
-            source_uri=request.source_uri,
-            data_var=DATA_VAR,
+            source=info.layout,
             feature_indices=prepared.feature_indices,
             image_shape=info.grid.shape,
             patch_size=spec.patch_size,

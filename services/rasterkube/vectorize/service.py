@@ -22,7 +22,9 @@ metadata written here, :func:`geo_metadata`). Only a
 ``simplifyTolerance`` brings all polygons of a band to the driver as geometries, because the
 topology-preserving simplification must see them together.
 
-Nodata: NaN and the store's fill value (:func:`nodata_value`) are never foreground. A
+Nodata: NaN and the store's nodata (``StoreInfo.nodata``: the fill value of rasterkube's own
+integer stores; other writers' ``_FillValue``/``nodata`` are NaN once decoded) are never
+foreground. A
 threshold no value of the band's dtype can exceed is an error before anything runs; one
 above all the values the band holds gives an honest empty GeoParquet (with the schema), and
 the summary says why (``note``: the largest value, no valid pixel, or all under ``minArea``).
@@ -65,7 +67,7 @@ STAT_COLUMNS: Final = ("score_min", "score_max", "score_std", "pixel_count", "ar
 class BlockParams:
     """Everything a block task needs; put in the Ray object store once."""
 
-    source_uri: str
+    source: geozarr.SourceLayout
     band_indices: tuple[int, ...]
     shape: tuple[int, int]
     transform: P.Transform
@@ -93,7 +95,7 @@ class BlockOutput:
 
 def vectorize_block(block: Window, p: BlockParams) -> BlockOutput:
     """Polygonize one block for every time step and feature band (a Ray task)."""
-    x = geozarr.read_region(p.source_uri, DATA_VAR, block, p.band_indices)
+    x = geozarr.read_block(p.source, block, p.band_indices)
     bounds = (block.y0, block.y1, block.x0, block.x1)
     final: list[list[P.Rows | P.Components]] = []
     pieces: list[list[P.BlockPieces]] = []
@@ -166,19 +168,6 @@ def _check_threshold(threshold: float, dtype: np.dtype) -> None:
                         "pixel can be above it; use a threshold within the band's range")  # fmt: skip
 
 
-def nodata_value(uri: str) -> float | None:
-    """The store's nodata: a ``_FillValue``/``nodata`` attribute of the data variable, else its
-    zarr ``fill_value`` (what unwritten chunks read as — geozarr stores use NaN for floats and
-    0 for integers); None when that is NaN (NaN is background anyway)."""
-    arr = geozarr.open_data_array(uri, DATA_VAR)
-    attrs = dict(arr.attrs)
-    value = attrs.get("_FillValue", attrs.get("nodata", arr.fill_value))
-    if value is None:
-        return None
-    value = float(value)
-    return None if np.isnan(value) else value
-
-
 def pmtiles_available() -> bool:
     import importlib.util
 
@@ -203,8 +192,9 @@ def run(
     info, band_idx = prepared
     assert request.source_uri is not None
     grid = info.grid
+    assert info.layout is not None
     params = BlockParams(
-        source_uri=request.source_uri,
+        source=info.layout,
         band_indices=tuple(band_idx),
         shape=grid.shape,
         transform=grid.transform,
@@ -212,7 +202,7 @@ def run(
         connectivity=spec.connectivity,
         finish=P.Finish(grid.crs, spec.output.crs, spec.simplify_tolerance, spec.min_area),
         centerlines=spec.medial_skeletonize,
-        nodata=nodata_value(request.source_uri),
+        nodata=info.nodata,
     )
     multiplier = max(1, BLOCK_SIDE // max(info.chunks[2], info.chunks[3]))
     blocks = plan_blocks(grid.shape, info.chunks[2:], multiplier)

@@ -27,6 +27,7 @@ from pyproj import CRS, Transformer
 from rasterkube import geozarr, storage
 from rasterkube.constants import DATA_VAR
 from rasterkube.errors import UserError
+from rasterkube.grid import Window
 from rasterkube.multiscale import CATEGORICAL_BANDS_ATTR, band_modes
 from rasterkube.viewer import tiles
 
@@ -74,7 +75,7 @@ def open_layers(paths: list[str]) -> dict[str, Any]:
         elif lower.endswith((".parquet", ".geoparquet")) or _magic(path) == PARQUET_MAGIC:
             # By content too: a Vectorization's default output name has no extension.
             layers[lid] = FeatureLayer(lid, path)
-        elif storage.exists(path) and (lower.endswith(".zarr") or storage.is_committed(path)):
+        elif storage.exists(path) and (lower.endswith(".zarr") or geozarr.is_complete(path)):
             layer = RasterLayer(lid, storage.normalize(path))
             _ = layer.info  # a StoreError now (with what to do) rather than on the first tile
             layers[lid] = layer
@@ -127,6 +128,17 @@ class RasterLayer:
             out.append(arr)
         return out
 
+    def _read(self, level: int, time: slice, band: int, window: Window, step: int = 1) -> np.ndarray:
+        """(time, y, x) float64 values of one band: rasterkube's pyramid levels read as they
+        are; any other store (one level) through the reader layer, decoded (nodata → NaN)."""
+        layout = self.info.layout
+        if layout is not None and not layout.native:
+            block = geozarr.read_block(layout, window, [band], time, step)[:, 0]
+        else:
+            ys, xs = window.slices
+            block = self._arrays[level][time, band, ys.start : ys.stop : step, xs.start : xs.stop : step]
+        return np.asarray(block, dtype=np.float64)
+
     @cached_property
     def to_store_crs(self) -> Transformer:
         return Transformer.from_crs(CRS.from_epsg(3857), CRS.from_user_input(self.info.grid.crs), always_xy=True)
@@ -144,12 +156,11 @@ class RasterLayer:
     def stats(self) -> list[dict[str, Any]]:
         """Per band: the default stretch (2–98 % over all times) or the classes present, and the
         time steps with data — from the coarsest level (strided to ≤ STATS_PIXELS pixels)."""
-        arr = self._arrays[-1]
-        h, w = arr.shape[-2:]
+        h, w = self.levels[-1][1].shape
         step = max(1, math.ceil(math.sqrt(h * w / STATS_PIXELS)))
         out = []
-        for b in range(arr.shape[1]):
-            values = np.asarray(arr[:, b, ::step, ::step], dtype=np.float64)
+        for b in range(len(self.info.bands)):
+            values = self._read(len(self.levels) - 1, slice(None), b, Window(0, h, 0, w), step)
             # Time steps with data (e.g. a difference score is NaN at the first), so the page
             # opens on a band and time that show something.
             entry: dict[str, Any] = {"times_with_data": np.flatnonzero(np.isfinite(values).any(axis=(1, 2))).tolist()}
@@ -205,7 +216,7 @@ class RasterLayer:
         c0, c1 = int(cols[inside].min()), int(cols[inside].max()) + 1
         out = []
         for b in bands:
-            block = np.asarray(self._arrays[level][time, b, r0:r1, c0:c1], dtype=np.float64)
+            block = self._read(level, slice(time, time + 1), b, Window(r0, r1, c0, c1))[0]
             values = np.where(inside, block[np.where(inside, rows - r0, 0), np.where(inside, cols - c0, 0)], np.nan)
             out.append(values)
         return out
