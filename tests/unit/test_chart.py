@@ -65,9 +65,11 @@ NAMESPACED_RULES = (
     | {(GROUP, f"{k}/finalizers", "update") for k in KINDS}
     | {("", "events", "create"), ("", "events", "patch")}
 )
-KUBERAY_RULES = {("ray.io", "rayjobs", v) for v in ("create", "get", "list", "watch", "delete", "patch")} | {
-    ("ray.io", "rayclusters", v) for v in ("get", "list", "watch")
-}
+KUBERAY_RULES = (
+    {("ray.io", "rayjobs", v) for v in ("create", "get", "list", "watch", "delete", "patch")}
+    | {("ray.io", "rayclusters", v) for v in ("get", "list", "watch")}
+    | {("", "pods", v) for v in ("get", "list")}  # diagnosing Ray pods that cannot be scheduled
+)
 CRD_RULES = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
 NAMESPACE_RULES = {("", "namespaces", "list"), ("", "namespaces", "watch")}
 CREDENTIAL_ENV = re.compile(r"^(AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|.*PASSWORD|.*_TOKEN)$")

@@ -105,6 +105,10 @@ RBAC rules for the namespaced resources the operator touches. Shared by the Clus
 - apiGroups: ["ray.io"]
   resources: ["rayclusters"]
   verbs: ["get", "list", "watch"]
+# Ray pods that cannot start (unschedulable, e.g. GPUs no node has) are reported on the resource.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list"]
 {{- end }}
 {{- end }}
 
