@@ -110,9 +110,9 @@ KUBELET_KERNEL_TUNABLES = {
     "kernel/keys/root_maxkeys": "1000000",
     "kernel/keys/root_maxbytes": "25000000",
 }
-#: kubelet writes a symlink per container here (a fixed path); in its mount namespace this
-#: is a directory of the node's, so nothing is left on the machine.
-KUBELET_CONTAINER_LOGS_DIR = Path("/var/log/containers")
+#: kubelet writes a symlink per container to /var/log/containers (a fixed path); in its mount
+#: namespace /var/log is a small tmpfs of its own, so nothing is left on the machine.
+KUBELET_PRIVATE_LOG_DIR = Path("/var/log")
 
 
 class NodeError(RuntimeError):
@@ -182,10 +182,6 @@ class NodeLayout:
     @property
     def pod_logs(self) -> Path:
         return self.data / "pod-logs"
-
-    @property
-    def container_logs(self) -> Path:
-        return self.data / "container-logs"
 
     @property
     def cni_conf(self) -> Path:
@@ -430,13 +426,13 @@ def kubelet_wrapper(layout: NodeLayout, argv: Sequence[str]) -> list[str]:
     """``argv`` (the kubelet) in a mount namespace of its own and the node's network namespace.
 
     In that mount namespace the machine-wide kernel settings read as what kubelet wants, and
-    /var/log/containers is the node's own directory. Its root directory is a shared mount
+    /var/log is a tmpfs of its own (for the symlinks kubelet puts in /var/log/containers). Its root directory is a shared mount
     (see :meth:`Node._share_kubelet_root`), so the volumes it mounts reach containerd.
     """
     binds = [(layout.tunables / name.replace("/", "."), Path("/proc/sys") / name) for name in KUBELET_KERNEL_TUNABLES]
-    binds.append((layout.container_logs, KUBELET_CONTAINER_LOGS_DIR))
     script = "set -e\n" + "".join(f"mount --bind {shlex.quote(str(src))} {shlex.quote(str(dst))}\n"
                                    for src, dst in binds)  # fmt: skip
+    script += f"mount -t tmpfs -o size=16m,mode=0755 rasterkube-kubelet-logs {KUBELET_PRIVATE_LOG_DIR}\n"
     script += 'exec "$@"\n'
     inner = layout.netns.command(argv)
     # --propagation unchanged: the copy of the shared kubelet root stays a peer of the machine's.
@@ -764,6 +760,8 @@ class Node:
             stopped["netns"] = True
         for path in layout.owned_paths():
             shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # /run/rasterkube, /var/lib/rasterkube when no other node uses them
         self._release_containerd_root()
         with contextlib.suppress(FileNotFoundError):
             state = json.loads(layout.state_file.read_text())
@@ -801,7 +799,7 @@ class Node:
     def _up(self, verbose: bool) -> None:
         layout = self.layout
         exe = binaries.ensure_node_components()
-        for path in (layout.run, layout.data, layout.pod_logs, layout.container_logs, layout.cni_data,
+        for path in (layout.run, layout.data, layout.pod_logs, layout.cni_data,
                      layout.kubelet_root, layout.tunables, layout.config, layout.cni_conf):  # fmt: skip
             path.mkdir(parents=True, exist_ok=True)
         self._timed("network", self._network)

@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -351,19 +351,16 @@ class TarDestination:
         return self._write_file("scripts", script_name, io.BytesIO(data), True)
 
     def _finalize(self, scheme: str, record_file_path: str, records: Iterable) -> None:  # type: ignore[type-arg]
-        from installer.records import RecordEntry
         from installer.utils import construct_record_file
 
-        def prefixed() -> Iterator[RecordEntry]:
-            for file_scheme, record in records:
-                if file_scheme == scheme:
-                    yield record
-                else:  # paths relative to the scheme of RECORD's own directory
-                    path = os.path.relpath(f"{self._scheme_dir(file_scheme)}/{record.path}", self._scheme_dir(scheme))
-                    yield RecordEntry(path, record.hash_, record.size)
+        def prefix_for_scheme(file_scheme: str) -> str | None:
+            # RECORD paths are relative to the directory of RECORD's own scheme (as installer does)
+            if file_scheme == scheme:
+                return None
+            return os.path.relpath(self._scheme_dir(file_scheme), self._scheme_dir(scheme)) + "/"
 
-        all_records = list(prefixed()) + [RecordEntry(record_file_path, None, None)]
-        data = construct_record_file(all_records, lambda _: "").read()
+        with construct_record_file(list(records), prefix_for_scheme) as stream:
+            data = stream.read()
         self._writer.file(f"{self._scheme_dir(scheme)}/{record_file_path}", data)
 
     def close(self) -> None:
