@@ -13,7 +13,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 rasterkube \
     && useradd --system --uid 10001 --gid 10001 --home-dir /home/rasterkube --create-home --shell /bin/bash rasterkube \
-    && python3 -m venv --without-pip /opt/rasterkube
+    && python3 -m venv --without-pip /opt/rasterkube \
+    && echo 'export PATH=/opt/rasterkube/bin:$PATH' > /etc/profile.d/rasterkube.sh
 
 ENV PATH=/opt/rasterkube/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \

@@ -261,8 +261,9 @@ def build_layer(key: str, fill: Callable[[LayerWriter], None], created_by: str, 
         return layer
 
 
-def cached_layer(key: str) -> Layer | None:
-    """The layer recorded for ``key`` when its blob is still in the cache."""
+def cached_layer(key: str, present: Iterable[str] = ()) -> Layer | None:
+    """The layer recorded for ``key`` when its blob is still in the cache, or in ``present``
+    (digests a containerd already holds: big blobs are moved there, see :func:`release_blobs`)."""
     try:
         record = json.loads(_record_path(key).read_text())
     except (FileNotFoundError, ValueError):
@@ -270,7 +271,26 @@ def cached_layer(key: str) -> Layer | None:
     fields = {k: record[k] for k in ("digest", "size", "media_type", "diff_id", "created_by") if k in record}
     layer = Layer(**fields)
     path = blob_path(layer.digest)
-    return layer if path.is_file() and path.stat().st_size == layer.size else None
+    if path.is_file() and path.stat().st_size == layer.size:
+        return layer
+    return layer if layer.digest in set(present) else None
+
+
+#: Blobs at least this big are dropped from the cache once containerd holds them (the image
+#: with torch is GBs: one copy in containerd's store is enough).
+RELEASE_BYTES = 256 << 20
+
+
+def release_blobs(image: Image, containerd: Containerd, min_bytes: int = RELEASE_BYTES) -> int:
+    """Delete the cached copies of ``image``'s big layers that ``containerd`` holds; bytes freed."""
+    held = containerd.content_digests()
+    freed = 0
+    for layer in image.layers:
+        path = blob_path(layer.digest)
+        if layer.size >= min_bytes and layer.digest in held and path.is_file():
+            path.unlink()
+            freed += layer.size
+    return freed
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -406,6 +426,9 @@ def write_archive(out: IO[bytes], image: Image, skip: Iterable[str] = ()) -> Non
             if layer.digest in skipped:
                 continue
             path = blob_path(layer.digest)
+            if not path.is_file():
+                raise ImageError(f"layer {layer.digest} ({layer.created_by[:80]}) is neither cached nor in "
+                                 f"containerd; delete {_record_path('<key>').parent} records to rebuild it")  # fmt: skip
             with open(path, "rb") as handle:
                 tar.addfile(tar_info(f"blobs/sha256/{layer.digest.split(':')[1]}", size=layer.size), handle)
         _add_bytes(tar, "index.json", _canonical(index))

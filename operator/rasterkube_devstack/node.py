@@ -223,6 +223,12 @@ def containerd_root() -> Path:
     return binaries.cache_dir() / "containerd" / "root"
 
 
+def stored_digests() -> set[str]:
+    """Digests of the blobs in containerd's image store (readable while it does not run)."""
+    blobs = containerd_root() / "io.containerd.content.v1.content" / "blobs" / "sha256"
+    return {f"sha256:{p.name}" for p in blobs.iterdir()} if blobs.is_dir() else set()
+
+
 def _owner_file() -> Path:
     return binaries.cache_dir() / "containerd" / "owner.json"
 

@@ -98,6 +98,9 @@ class Recipe:
             f"useradd --system --uid {self.uid} --gid {self.uid} --home-dir {self.home} --create-home "
             f"--shell /bin/bash {self.user}",
             f"python3 -m venv --without-pip {self.prefix}",
+            # KubeRay starts Ray in a login shell (bash -lc), where Debian's /etc/profile resets
+            # PATH: put the environment's bin (ray, python) back in front for every login shell.
+            f"echo 'export PATH={self.prefix}/bin:$PATH' > /etc/profile.d/rasterkube.sh",
         ]
 
     def image_config(self) -> images.ImageConfig:
@@ -390,8 +393,12 @@ class BuildReport:
     cached: dict[str, bool] = field(default_factory=dict)
 
 
-def build(source: Path = REPO_ROOT, recipe: Recipe = RECIPE, *, version: str | None = None) -> BuildReport:
-    """Build (or find in the cache) the image of ``source`` per ``recipe``; see the module docstring."""
+def build(source: Path = REPO_ROOT, recipe: Recipe = RECIPE, *, version: str | None = None,
+          present: Iterable[str] = ()) -> BuildReport:  # fmt: skip
+    """Build (or find in the cache) the image of ``source`` per ``recipe``; see the module docstring.
+
+    ``present``: layer digests a containerd already holds (they count as cached)."""
+    present = frozenset(present)
     report_seconds: dict[str, float] = {}
     cached: dict[str, bool] = {}
     scratch = binaries.cache_dir() / "tmp"
@@ -407,17 +414,17 @@ def build(source: Path = REPO_ROOT, recipe: Recipe = RECIPE, *, version: str | N
         t0 = time.monotonic()
         os_key = images.content_key("os-layer", recipe.debian_suite, recipe.debian_mirror, recipe.apt_packages,
                                     recipe.os_steps(), debian.installed_version("debootstrap"))  # fmt: skip
-        cached["os"] = images.cached_layer(os_key) is not None
-        base = _os_layer(recipe)
+        cached["os"] = images.cached_layer(os_key, present) is not None
+        base = images.cached_layer(os_key, present) or _os_layer(recipe)
         report_seconds["os_layer"] = round(time.monotonic() - t0, 2)
 
         t0 = time.monotonic()
         deps_key = images.content_key("deps-layer", constraints, wheel_requirements(wheel), recipe.site_packages,
                                       recipe.prefix, sys.version_info[:2])  # fmt: skip
-        cached["dependencies"] = images.cached_layer(deps_key) is not None
-        if cached["dependencies"]:
-            deps = images.cached_layer(deps_key)
-            assert deps is not None
+        deps_cached = images.cached_layer(deps_key, present)
+        cached["dependencies"] = deps_cached is not None
+        if deps_cached is not None:
+            deps = deps_cached
         else:
             wheels = download_dependencies(wheel, constraints, work / "wheels")
             deps = _python_layer(deps_key, wheels, recipe, f"install {len(wheels)} dependency wheels (-c {CONSTRAINTS})")
@@ -426,8 +433,9 @@ def build(source: Path = REPO_ROOT, recipe: Recipe = RECIPE, *, version: str | N
 
         t0 = time.monotonic()
         app_key = images.content_key("app-layer", wheel_content_digest(wheel), recipe.site_packages, recipe.prefix)
-        cached["project"] = images.cached_layer(app_key) is not None
-        app = _python_layer(app_key, [wheel], recipe, f"install {wheel.name}")
+        app_cached = images.cached_layer(app_key, present)
+        cached["project"] = app_cached is not None
+        app = app_cached or _python_layer(app_key, [wheel], recipe, f"install {wheel.name}")
         report_seconds["project_layer"] = round(time.monotonic() - t0, 2)
     image = images.assemble(REPOSITORY, version, [base, deps, app], recipe.image_config())
     return BuildReport(image=image, seconds=report_seconds, cached=cached)

@@ -1,4 +1,4 @@
-"""`rasterkube dev up|down` end to end: real kube-apiserver + etcd, moto S3, a Ray head, the CRDs.
+"""`rasterkube dev up --api-only|down` end to end: real kube-apiserver + etcd, a real S3 server, a Ray head, the CRDs.
 
 One stack for the module, started *without* the operator so the first checks do not depend
 on it; the operator test then runs ``up()`` again with the operator (the "already running"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from rasterkube_operator.backends.kuberay_manifests import LABEL_NAME, RAY_CLUSTER_LABEL, rayjob_name
@@ -72,13 +73,20 @@ def observe(cluster: Cluster, trace: Trace, namespace: str = "default") -> None:
         trace.done = trace.done or now
 
 
-def follow(cluster: Cluster, traces: list[Trace], timeout_s: float, namespace: str = "default") -> list[Trace]:
-    """Observe every ``trace`` until all are terminal (fails with their states after ``timeout_s``)."""
+def follow(cluster: Cluster, traces: list[Trace], timeout_s: float, namespace: str = "default",
+           on_pods: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None) -> list[Trace]:  # fmt: skip
+    """Observe every ``trace`` until all are terminal (fails with their states after ``timeout_s``).
+
+    ``on_pods(rayjob, pods)`` is called for every look at a running job's Ray pods."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for trace in traces:
             if trace.done is None:
                 observe(cluster, trace, namespace)
+                if on_pods is not None and trace.obj and (rayjob := current_rayjob(cluster, trace.obj)):
+                    pods = ray_pods(cluster, rayjob)
+                    if pods:
+                        on_pods(rayjob, pods)
         if all(t.done is not None for t in traces):
             return traces
         time.sleep(2)

@@ -32,24 +32,14 @@ def test_kubectl_apply_examples_runs_everything_on_ray_pods(operator: Cluster) -
     assert {kind for kind, _ in resources} == {"mosaic", "prediction", "changescore", "vectorization"}
     operator.kubectl("apply", "-f", str(EXAMPLES))
     traces = [Trace(kind, name) for kind, name in resources]
-    # Look at the Ray pods of a running job while it runs: credentials arrive by reference.
-    checked_pods = False
-    while not checked_pods:
-        for trace in traces:
-            obj = operator.get(trace.kind, trace.name) or {}
-            rayjob = current_rayjob(operator, obj)
-            pods = ray_pods(operator, rayjob) if rayjob else []
-            if pods:
-                _assert_credentials_by_reference(rayjob, pods)  # type: ignore[arg-type]
-                checked_pods = True
-                break
-        if not checked_pods:
-            follow_once = [t for t in traces if t.done is None]
-            assert follow_once, "every resource finished before any Ray pod was seen"
-            import time
+    pods_checked: list[str] = []
 
-            time.sleep(2)
-    follow(operator, traces, TIMEOUT_S)
+    def credentials_by_reference(rayjob: dict, pods: list[dict]) -> None:
+        _assert_credentials_by_reference(rayjob, pods)
+        pods_checked.extend(p["metadata"]["name"] for p in pods)
+
+    follow(operator, traces, TIMEOUT_S, on_pods=credentials_by_reference)
+    assert pods_checked, "no Ray pod was seen while the jobs ran"
     failed = {f"{t.kind}/{t.name}": (t.obj.get("status") or {}).get("conditions") for t in traces if t.phase != "Succeeded"}
     assert not failed, json.dumps(failed, indent=1)[:4000]
     for trace in traces:

@@ -57,7 +57,7 @@ def test_kubelet_runs_in_its_own_mount_namespace_seeing_the_kernel_settings_it_w
     script = argv[argv.index("-c") + 1]
     for name in node.KUBELET_KERNEL_TUNABLES:
         assert f"/proc/sys/{name}" in script
-    assert f"tmpfs {node.KUBELET_PRIVATE_LOG_DIR}" in script  # kubelet's /var/log/containers links stay private
+    assert f"rasterkube-kubelet-logs {node.KUBELET_PRIVATE_LOG_DIR}\n" in script  # its /var/log/containers stays private
     assert argv[-3:] == [*layout.netns.command(["/bin/kubelet", "--v=1"])][-3:]
     assert "nsenter" in argv and f"--net={layout.netns.path}" in argv
 
