@@ -233,8 +233,10 @@ def build_layer(key: str, fill: Callable[[LayerWriter], None], created_by: str, 
             return cached
         blobs = images_dir() / "blobs" / "sha256"
         blobs.mkdir(parents=True, exist_ok=True)
+        for stale in blobs.glob(f".layer-{key}-*"):  # what a killed build of this key left
+            stale.unlink(missing_ok=True)
         started = time.monotonic()
-        fd, tmp_name = tempfile.mkstemp(prefix=".layer-", dir=blobs)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".layer-{key}-", dir=blobs)
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out:

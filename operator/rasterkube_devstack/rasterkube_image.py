@@ -254,6 +254,41 @@ def wheel_requirements(wheel: Path) -> list[str]:
                   and "extra ==" not in line)  # fmt: skip
 
 
+def dependency_pins(requirements: Iterable[str]) -> list[str]:
+    """``name==version`` of every distribution ``requirements`` pull in, as installed here.
+
+    The environment this runs in was installed from the same constraints (``make install``),
+    so this is what pip resolves for the image — known without asking an index, and it keys
+    the dependency layer: a pin of a package the image does not contain (a test tool) does
+    not rebuild the layer.
+    """
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    todo = [(Requirement(r), "") for r in requirements]
+    seen: set[tuple[str, str]] = set()
+    while todo:
+        requirement, extra = todo.pop()
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": extra}):
+            continue
+        name = canonicalize_name(requirement.name)
+        extras = tuple(sorted(requirement.extras))
+        for wanted in ("", *extras):
+            if (name, wanted) in seen:
+                continue
+            seen.add((name, wanted))
+            try:
+                dist = metadata.distribution(name)
+            except metadata.PackageNotFoundError:
+                raise images.ImageError(f"{name} (a dependency of the image) is not installed here: run `make install`") from None
+            pins[name] = dist.version
+            todo += [(Requirement(r), wanted) for r in dist.requires or []]
+    return sorted(f"{n}=={v}" for n, v in pins.items())
+
+
 def download_dependencies(wheel: Path, constraints: Path, out_dir: Path) -> list[Path]:
     """The wheels of every dependency of ``wheel`` at the constrained versions (pip resolves)."""
     _run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "-c", str(constraints),
@@ -419,7 +454,7 @@ def build(source: Path = REPO_ROOT, recipe: Recipe = RECIPE, *, version: str | N
         report_seconds["os_layer"] = round(time.monotonic() - t0, 2)
 
         t0 = time.monotonic()
-        deps_key = images.content_key("deps-layer", constraints, wheel_requirements(wheel), recipe.site_packages,
+        deps_key = images.content_key("deps-layer", dependency_pins(wheel_requirements(wheel)), recipe.site_packages,
                                       recipe.prefix, sys.version_info[:2])  # fmt: skip
         deps_cached = images.cached_layer(deps_key, present)
         cached["dependencies"] = deps_cached is not None

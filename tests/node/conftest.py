@@ -29,6 +29,9 @@ CHART = REPO / "charts" / "rasterkube"
 RELEASE = "rasterkube"
 OPERATOR_NAMESPACE = nodestack.OPERATOR_NAMESPACE
 TIMINGS_FILE = REPO / "out" / "node-e2e" / "timings.json"
+#: Run the suite on a stack that is already up (`rasterkube dev up --dir DIR`), e.g. while
+#: developing; it is neither started nor stopped (test_zz_down is skipped).
+ENV_REUSE = "RASTERKUBE_NODE_STACK"
 #: Operator settings for the suite: bounds short enough to test, finished clusters freed fast.
 SUITE_VALUES = {
     "kuberay.unschedulableTimeoutSeconds": "60",
@@ -54,6 +57,7 @@ class Cluster:
         self.info = info
         self.node = node.Node(info.directory)
         self.timings: dict[str, Any] = dict(info.timings)
+        self.reused = False
 
     @property
     def kubeconfig(self) -> Path:  # helpers.kube uses info.kubeconfig
@@ -103,10 +107,12 @@ class Cluster:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    directory = tmp_path_factory.mktemp("node-stack")
+    reuse = os.environ.get(ENV_REUSE)
+    directory = Path(reuse) if reuse else tmp_path_factory.mktemp("node-stack")
     started = time.monotonic()
-    info = nodestack.up(directory, verbose=False)
+    info = nodestack.load(directory) if reuse else nodestack.up(directory, verbose=False)
     result = Cluster(info)
+    result.reused = bool(reuse)
     result.record("bring_up_seconds", round(time.monotonic() - started, 1))
     saved = dict(os.environ)
     os.environ.update(info.env())  # this process reads the outputs from the same S3 server
@@ -117,7 +123,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         os.environ.update(saved)
         TIMINGS_FILE.parent.mkdir(parents=True, exist_ok=True)
         TIMINGS_FILE.write_text(json.dumps({**result.timings, "loadavg": os.getloadavg()}, indent=2) + "\n")
-        if node.Node(directory).is_running():  # test_zz_down did not run (or failed)
+        if not reuse and node.Node(directory).is_running():  # test_zz_down did not run (or failed)
             nodestack.down(directory, verbose=False)
 
 
