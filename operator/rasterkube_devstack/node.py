@@ -601,14 +601,24 @@ def cgroup_dirs(name: str) -> list[Path]:
     return [h / name for h in cgroup_hierarchies() if (h / name).is_dir()]
 
 
-def create_cgroup(name: str) -> None:
-    """``/name`` in every v1 hierarchy (cpuset gets its parent's cpus and mems)."""
+def create_cgroup(name: str, cpus: int | None = None) -> None:
+    """``/name`` in every hierarchy (cpuset gets its parent's cpus and mems).
+
+    Its CPU weight is that of ``cpus`` CPUs' worth of busy processes (default: all of this
+    machine's): the node is one group among this machine's processes, and with the default
+    weight all its pods together would count as a single process.
+    """
+    cpus = cpus or os.cpu_count() or 1
     for hierarchy in cgroup_hierarchies():
         path = hierarchy / name
         path.mkdir(exist_ok=True)
         for knob in ("cpuset.cpus", "cpuset.mems"):
             if (path / knob).exists() and not (path / knob).read_text().strip():
                 (path / knob).write_text((hierarchy / knob).read_text())
+        if (path / "cpu.shares").exists():  # cgroup v1: 1024 per CPU (kubelet's scale too)
+            (path / "cpu.shares").write_text(str(1024 * cpus))
+        elif (path / "cpu.weight").exists():  # cgroup v2: 100 is one process's default
+            (path / "cpu.weight").write_text(str(min(10000, 100 * cpus)))
 
 
 def cgroup_pids(name: str) -> set[int]:

@@ -62,6 +62,7 @@ SEED_TIMEOUT_S = 900.0
 POLL_INTERVAL_S = 1.0
 #: Small requests: the node has 2 CPUs shared by the control plane, the operators and Ray.
 DEV_HEAD_RESOURCES = {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "3Gi"}}
+DEV_MAX_RUNNING_JOBS = 1
 DEV_OPERATOR_RESOURCES = {"requests": {"cpu": "50m", "memory": "256Mi"}, "limits": {"memory": "1536Mi"}}
 
 
@@ -150,6 +151,9 @@ def helm_values(image: str, s3_endpoint_in_cluster: str) -> dict[str, Any]:
         },
         "kuberay": {"rayVersion": _ray_version(), "headGroup": {"resources": DEV_HEAD_RESOURCES}},
         "resources": DEV_OPERATOR_RESOURCES,
+        # One Ray cluster at a time: a head, a 1-CPU worker and the submitter fill the 2-CPU node;
+        # further resources wait in the operator's queue (phase Pending, reason Queued).
+        "maxRunningJobs": DEV_MAX_RUNNING_JOBS,
     }
 
 
@@ -185,7 +189,30 @@ def seed_script() -> str:
     )
 
 
+def _seeded(endpoint: str) -> bool:
+    """The S3 data (kept in the stack directory between runs) already has the samples and models."""
+    from rasterkube import storage
+    from rasterkube.models import DEMO_MODELS
+
+    env = s3.credentials_env(endpoint)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        fs, _ = storage.filesystem(MODELS_URI)
+        fs.invalidate_cache()
+        return (storage.is_committed(SAMPLE_URI) and fs.exists(f"{SAMPLE_STAC_URI}/catalog.json")
+                and all(fs.exists(f"{MODELS_URI}/{m.file}") for m in DEMO_MODELS.values()))  # fmt: skip
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _seed(directory: Path, endpoint: str) -> None:
+    if _seeded(endpoint):
+        return
     log_file = directory / "logs" / "seed-samples.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **s3.credentials_env(endpoint)}

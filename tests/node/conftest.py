@@ -36,7 +36,6 @@ ENV_REUSE = "RASTERKUBE_NODE_STACK"
 SUITE_VALUES = {
     "kuberay.unschedulableTimeoutSeconds": "60",
     "kuberay.ttlSecondsAfterFinished": "15",
-    "maxRunningJobs": "2",
 }
 
 _REASON = node.unavailable_reason()

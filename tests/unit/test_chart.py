@@ -71,6 +71,8 @@ KUBERAY_RULES = (
     | {("", "pods", v) for v in ("get", "list")}  # diagnosing Ray pods that cannot be scheduled
 )
 CRD_RULES = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
+#: kuberay: the nodes' allocatable resources (an unschedulable Ray pod that no node could ever take)
+NODE_RULES = {("", "nodes", v) for v in ("get", "list")}
 NAMESPACE_RULES = {("", "namespaces", "list"), ("", "namespaces", "watch")}
 CREDENTIAL_ENV = re.compile(r"^(AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|.*PASSWORD|.*_TOKEN)$")
 
@@ -293,7 +295,7 @@ def test_rbac_has_no_wildcards(config: str) -> None:
                 assert rule[field] and not [x for x in rule[field] if "*" in x], rule
 
 
-@pytest.mark.parametrize(("config", "ray_rules"), [("default", set()), ("kuberay", KUBERAY_RULES)])
+@pytest.mark.parametrize(("config", "ray_rules"), [("default", set()), ("kuberay", KUBERAY_RULES | NODE_RULES)])
 def test_all_namespaces_use_one_cluster_role(config: str, ray_rules: set[tuple[str, str, str]]) -> None:
     docs = render(config)
     assert not of_kind(docs, "Role") and not of_kind(docs, "RoleBinding")
@@ -315,7 +317,8 @@ def test_watch_namespaces_use_roles(config: str, ray_rules: set[tuple[str, str, 
         ref = bindings[namespace]["roleRef"]
         assert (ref["kind"], ref["name"]) == ("Role", role["metadata"]["name"])
     (cluster_role,) = of_kind(docs, "ClusterRole")
-    assert granted(cluster_role["rules"]) == CRD_RULES, "only CRD discovery is cluster-wide"
+    cluster_wide = CRD_RULES | (NODE_RULES if ray_rules else set())
+    assert granted(cluster_role["rules"]) == cluster_wide, "only CRD discovery (and, kuberay, nodes) is cluster-wide"
     (binding,) = of_kind(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
 

@@ -125,7 +125,7 @@ class KubeRayBackend:
         if mapped.state == JobState.PENDING:
             problems = unschedulable_pods(self._pods(owner.namespace, name, observed.get("rayClusterName")))
             if problems:
-                verdict = unschedulable_status(problems, now, self.settings, mapped.dashboard_url)
+                verdict = unschedulable_status(problems, now, self.settings, mapped.dashboard_url, self._nodes())
                 if verdict.state == JobState.FAILED:
                     self.stop(job_id, owner)  # it would hold its requests (and a quota) forever
                 return verdict
@@ -166,6 +166,17 @@ class KubeRayBackend:
                 raise
             pods += [self._core.api_client.sanitize_for_serialization(pod) for pod in listed.items]
         return pods
+
+    def _nodes(self) -> list[dict[str, Any]] | None:
+        """The nodes (for their allocatable resources), or None when the operator may not list them."""
+        try:
+            listed = self._core.list_node(_request_timeout=self._timeout)
+        except ApiException as exc:
+            if exc.status == HTTP_FORBIDDEN:
+                log.warning("cannot list nodes (RBAC): unschedulable Ray pods are reported but never given up on")
+                return None
+            raise
+        return [self._core.api_client.sanitize_for_serialization(n) for n in listed.items]
 
     def _with_job_log(self, mapped: JobStatus, ray_job_id: str) -> JobStatus:
         """``mapped`` plus progress/result (and a failed job's error) from the Ray job's log."""

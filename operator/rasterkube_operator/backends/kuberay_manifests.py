@@ -780,6 +780,9 @@ class Unschedulable:
     since: datetime | None
     message: str
     gpus: int
+    #: resource name -> requested quantity (summed over the pod's containers; limits count
+    #: for extended resources such as GPUs, which have no separate request)
+    requests: dict[str, str] = field(default_factory=dict)
 
 
 def unschedulable_pods(pods: list[Mapping[str, Any]]) -> list[Unschedulable]:
@@ -791,31 +794,76 @@ def unschedulable_pods(pods: list[Mapping[str, Any]]) -> list[Unschedulable]:
         for condition in (pod.get("status") or {}).get("conditions") or []:
             if condition.get("type") == POD_SCHEDULED and condition.get("status") == "False" \
                     and condition.get("reason") == UNSCHEDULABLE:  # fmt: skip
-                gpus = sum(
-                    int(str((c.get("resources") or {}).get("limits", {}).get(GPU_RESOURCE, 0)) or 0)
-                    for c in (pod.get("spec") or {}).get("containers") or []
-                )
+                containers = (pod.get("spec") or {}).get("containers") or []
+                gpus = sum(int(str((c.get("resources") or {}).get("limits", {}).get(GPU_RESOURCE, 0)) or 0)
+                           for c in containers)  # fmt: skip
                 found.append(Unschedulable(
                     pod=str((pod.get("metadata") or {}).get("name")),
                     since=_parse_time(condition.get("lastTransitionTime")),
                     message=str(condition.get("message") or "").strip(),
                     gpus=gpus,
+                    requests=_pod_requests(containers),
                 ))  # fmt: skip
     return found
 
 
+def _pod_requests(containers: list[Mapping[str, Any]]) -> dict[str, str]:
+    total: dict[str, float] = {}
+    for container in containers:
+        resources = container.get("resources") or {}
+        wanted = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
+        for name, quantity in wanted.items():
+            total[name] = total.get(name, 0.0) + quantity_value(str(quantity))
+    return {name: f"{value:g}" for name, value in total.items()}
+
+
+def quantity_value(quantity: str) -> float:
+    """A Kubernetes quantity as a number (cores, bytes, devices): "500m" -> 0.5, "4Gi" -> 4 * 2**30."""
+    from rasterkube.api.common import quantity_bytes
+
+    if quantity.endswith("m") and quantity[:-1].replace(".", "", 1).isdigit():
+        return float(quantity[:-1]) / 1000
+    try:
+        return float(quantity)
+    except ValueError:
+        return float(quantity_bytes(quantity))
+
+
+def never_fits(problem: Unschedulable, nodes: list[Mapping[str, Any]]) -> list[str]:
+    """The requested resources of ``problem`` that no node has as much of (allocatable), even empty.
+
+    Empty: the pod waits for capacity that exists (other pods hold it); it may still come."""
+    missing = []
+    for name, wanted in problem.requests.items():
+        largest = max((quantity_value(str(((n.get("status") or {}).get("allocatable") or {}).get(name, "0")))
+                       for n in nodes), default=0.0)  # fmt: skip
+        if float(wanted) > largest:
+            missing.append(f"{name} (asks {wanted}, the largest node has {largest:g})")
+    return missing
+
+
 def unschedulable_status(problems: list[Unschedulable], now: datetime, settings: KubeRaySettings,
-                         url: str | None = None) -> JobStatus:  # fmt: skip
-    """PENDING (reason Unschedulable) naming what cannot be placed; FAILED after the bound."""
-    first = min(problems, key=lambda p: p.since or now)
+                         url: str | None = None, nodes: list[Mapping[str, Any]] | None = None) -> JobStatus:  # fmt: skip
+    """PENDING (reason Unschedulable) naming what cannot be placed.
+
+    FAILED after ``settings.unschedulable_timeout_s`` only when no node could ever take the
+    pod (``nodes`` known and too small, e.g. no GPUs at all); a pod that waits for capacity
+    other pods hold keeps waiting (the initializing bound still applies)."""
+    permanent = {p.pod: never_fits(p, nodes) for p in problems} if nodes is not None else {}
+    first = min(problems, key=lambda p: (not permanent.get(p.pod), p.since or now))
     waited = (now - first.since).total_seconds() if first.since else 0.0
     what = f"Ray pod {first.pod} cannot be scheduled"
     if first.gpus:
         what += (
-            f": it asks for {first.gpus} {GPU_RESOURCE} (spec.resources.gpus) and no node offers that"
-            + (f" (GPU node pool selector {settings.gpu_node_selector})" if settings.gpu_node_selector else "")
+            f": it asks for {first.gpus} {GPU_RESOURCE} (spec.resources.gpus)"
+            + (f" on the GPU node pool {settings.gpu_node_selector}" if settings.gpu_node_selector else "")
         )
+    if permanent.get(first.pod):
+        what += f"; no node has enough {', '.join(permanent[first.pod])}"
     message = f"{what} — scheduler: {first.message}" if first.message else what
+    if not permanent.get(first.pod):
+        return JobStatus(state=JobState.PENDING, message=f"{message} (waiting {waited:.0f}s for capacity)",
+                         dashboard_url=url, reason=Reason.UNSCHEDULABLE.value)  # fmt: skip
     if waited > settings.unschedulable_timeout_s:
         return JobStatus(
             state=JobState.FAILED, dashboard_url=url, reason=Reason.UNSCHEDULABLE.value,
