@@ -367,6 +367,31 @@ def _up(directory: Path, the_node: node.Node, seed_samples: bool, verbose: bool)
     return info
 
 
+def refresh_image(directory: Path, *, verbose: bool = True) -> NodeStackInfo:
+    """Rebuild the rasterkube image from the checkout (only changed layers), import it and point
+    ``values.yaml`` at it; then ``helm upgrade ... -f $RASTERKUBE_HELM_VALUES`` rolls it out."""
+    directory = Path(directory).resolve()
+    info = load(directory)
+    the_node = node.Node(directory)
+    if not the_node.is_running():
+        raise NodeStackError(f"the node of {directory} is not running; run `rasterkube dev up --dir {directory}`")
+    started = time.monotonic()
+    report = rasterkube_image.build(present=the_node.containerd.content_digests())
+    seconds = images.import_image(the_node.containerd, report.image)
+    images.release_blobs(report.image, the_node.containerd)
+    info.image, info.image_bytes = report.image.name, report.image.size
+    info.values_file.write_text(yaml.safe_dump(helm_values(info.image, info.s3_endpoint_in_cluster), sort_keys=False))
+    info.timings["image_refresh"] = round(time.monotonic() - started, 2)
+    state = read_state(directory) or {}
+    state.update(info.to_json())
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    write_env_file(info)
+    _say(verbose, f"image {info.image} ready ({info.timings['image_refresh']:.1f}s, import {seconds:.1f}s; "
+                  f"cached layers: {report.cached}); roll it out with:\n  helm upgrade rasterkube charts/rasterkube "
+                  '-n rasterkube-system -f "$RASTERKUBE_HELM_VALUES" --wait')  # fmt: skip
+    return info
+
+
 def _namespace(name: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
 

@@ -139,6 +139,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
             return EXIT_OK
         if args.action == "dashboard":
             return _dev_dashboard(directory, args)
+        if args.action == "image":
+            nodestack.refresh_image(directory)
+            return EXIT_OK
         if args.api_only:
             info = stack.up(directory, with_operator=not args.no_operator, seed_samples=not args.no_samples)
             print(stack.usage(info))
@@ -233,11 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     dev_up.add_argument("--no-operator", action="store_true", help="with --api-only: do not start the operator")
     dev_up.add_argument("--no-samples", action="store_true", help="do not seed the sample store into S3")
     dev_down = dev_sub.add_parser("down", help="stop the dev stack")
+    dev_image = dev_sub.add_parser("image", help="rebuild the image from this checkout, import it, update values.yaml")
     dev_dash = dev_sub.add_parser("dashboard", help="forward the Ray dashboard of a resource's job to loopback")
     dev_dash.add_argument("resource", help="KIND/NAME, e.g. changescore/landsat-change")
     dev_dash.add_argument("-n", "--namespace", default="default")
     dev_dash.add_argument("--port", type=int, default=8265, help="local port (default: %(default)s)")
-    for dev_parser in (dev_up, dev_down, dev_dash):
+    for dev_parser in (dev_up, dev_down, dev_dash, dev_image):
         dev_parser.add_argument("--dir", default=".rasterkube-dev", help="state, logs, env.sh (default: %(default)s)")
     dev.set_defaults(fn=cmd_dev)
     return parser
