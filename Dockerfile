@@ -28,7 +28,7 @@ COPY operator operator
 # The project and its dependencies at the pinned versions; pip itself is not kept (the local
 # build installs the same wheels without it).
 RUN python3 -m venv /opt/rasterkube \
-    && /opt/rasterkube/bin/python -m pip install --no-cache-dir -c requirements/constraints.txt . \
+    && /opt/rasterkube/bin/python -m pip install --no-cache-dir -c requirements/constraints.txt '.[pmtiles]' \
     && /opt/rasterkube/bin/python -m pip uninstall -y pip \
     && rm -rf /src
 

@@ -83,6 +83,9 @@ class Recipe:
         # Ray pods never try to report usage (there is nowhere to report to on the dev node).
         ("RAY_USAGE_STATS_ENABLED", "0"),
     )
+    #: Optional extras of the project installed too (output.pmtiles needs pmtiles and
+    #: mapbox-vector-tile; the examples use it).
+    extras: tuple[str, ...] = ("pmtiles",)
     entrypoint: tuple[str, ...] = ("rasterkube",)
     cmd: tuple[str, ...] = ("operator",)
     ports: tuple[int, ...] = (8080, 9090)
@@ -154,7 +157,7 @@ COPY operator operator
 # The project and its dependencies at the pinned versions; pip itself is not kept (the local
 # build installs the same wheels without it).
 RUN python3 -m venv {recipe.prefix} \\
-    && {recipe.prefix}/bin/python -m pip install --no-cache-dir -c {CONSTRAINTS} . \\
+    && {recipe.prefix}/bin/python -m pip install --no-cache-dir -c {CONSTRAINTS} '.[{",".join(recipe.extras)}]' \\
     && {recipe.prefix}/bin/python -m pip uninstall -y pip \\
     && rm -rf /src
 
@@ -246,12 +249,23 @@ def wheel_content_digest(wheel: Path) -> str:
     return h.hexdigest()
 
 
-def wheel_requirements(wheel: Path) -> list[str]:
+def wheel_requirements(wheel: Path, extras: Iterable[str] = ()) -> list[str]:
+    """The wheel's requirements: the unconditional ones and those of ``extras`` (marker removed)."""
+    from packaging.requirements import Requirement
+
     with zipfile.ZipFile(wheel) as archive:
         metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
         text = archive.read(metadata).decode()
-    return sorted(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Requires-Dist:")
-                  and "extra ==" not in line)  # fmt: skip
+    found = []
+    for line in text.splitlines():
+        if not line.startswith("Requires-Dist:"):
+            continue
+        requirement = Requirement(line.split(":", 1)[1].strip())
+        marker = requirement.marker
+        if marker is None or any(marker.evaluate({"extra": extra}) for extra in ("", *extras)):
+            requirement.marker = None
+            found.append(str(requirement))
+    return sorted(found)
 
 
 def dependency_pins(requirements: Iterable[str]) -> list[str]:
@@ -294,6 +308,15 @@ def download_dependencies(wheel: Path, constraints: Path, out_dir: Path) -> list
     _run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "-c", str(constraints),
           "-d", str(out_dir), str(wheel)], "downloading the dependency wheels with pip", PIP_TIMEOUT_S)  # fmt: skip
     return sorted(p for p in out_dir.glob("*.whl") if p.name != wheel.name)
+
+
+def download_pinned(pins: Sequence[str], out_dir: Path) -> list[Path]:
+    """Exactly these ``name==version`` wheels (their own dependencies are in an earlier layer)."""
+    if not pins:
+        return []
+    _run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--no-deps", "-d",
+          str(out_dir), *pins], "downloading the extras' wheels with pip", PIP_TIMEOUT_S)  # fmt: skip
+    return sorted(out_dir.glob("*.whl"))
 
 
 def _python_layer(key: str, wheels: Sequence[Path], recipe: Recipe, what: str) -> images.Layer:
@@ -466,13 +489,27 @@ def build(source: Path = REPO_ROOT, recipe: Recipe = RECIPE, *, version: str | N
             shutil.rmtree(work / "wheels", ignore_errors=True)
         report_seconds["dependencies_layer"] = round(time.monotonic() - t0, 2)
 
+        # The extras' few packages in a layer of their own: adding one does not rebuild the GBs above.
+        t0 = time.monotonic()
+        base_pins = dependency_pins(wheel_requirements(wheel))
+        extra_pins = sorted(set(dependency_pins(wheel_requirements(wheel, recipe.extras))) - set(base_pins))
+        extras_key = images.content_key("extras-layer", extra_pins, recipe.site_packages, recipe.prefix,
+                                        sys.version_info[:2])  # fmt: skip
+        extras_cached = images.cached_layer(extras_key, present)
+        cached["extras"] = extras_cached is not None
+        extras = extras_cached or _python_layer(
+            extras_key, download_pinned(extra_pins, work / "extras"), recipe,
+            f"install extras {','.join(recipe.extras)}: {' '.join(extra_pins)}",
+        )
+        report_seconds["extras_layer"] = round(time.monotonic() - t0, 2)
+
         t0 = time.monotonic()
         app_key = images.content_key("app-layer", wheel_content_digest(wheel), recipe.site_packages, recipe.prefix)
         app_cached = images.cached_layer(app_key, present)
         cached["project"] = app_cached is not None
         app = app_cached or _python_layer(app_key, [wheel], recipe, f"install {wheel.name}")
         report_seconds["project_layer"] = round(time.monotonic() - t0, 2)
-    image = images.assemble(REPOSITORY, version, [base, deps, app], recipe.image_config())
+    image = images.assemble(REPOSITORY, version, [base, deps, extras, app], recipe.image_config())
     return BuildReport(image=image, seconds=report_seconds, cached=cached)
 
 

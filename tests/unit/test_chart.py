@@ -419,7 +419,7 @@ def test_dockerfile_is_the_image_recipe() -> None:
 
 def test_dockerfile_matches_the_chart() -> None:
     dockerfile = (REPO / "Dockerfile").read_text(encoding="utf-8")
-    assert "pip install --no-cache-dir -c requirements/constraints.txt ." in dockerfile
+    assert "pip install --no-cache-dir -c requirements/constraints.txt '.[pmtiles]'" in dockerfile
     assert re.search(rf"^USER {UID}(:{UID})?$", dockerfile, re.MULTILINE), "numeric non-root USER"
     assert 'ENTRYPOINT ["rasterkube"]' in dockerfile and 'CMD ["operator"]' in dockerfile
     assert not re.search(r"^(ENV|ARG)\b.*(SECRET|PASSWORD|TOKEN|ACCESS_KEY)", dockerfile, re.MULTILINE | re.I)
