@@ -63,7 +63,7 @@ POLL_INTERVAL_S = 1.0
 #: Small requests: the node has 2 CPUs shared by the control plane, the operators and Ray.
 DEV_HEAD_RESOURCES = {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "3Gi"}}
 DEV_MAX_RUNNING_JOBS = 1
-DEV_OPERATOR_RESOURCES = {"requests": {"cpu": "50m", "memory": "256Mi"}, "limits": {"memory": "1536Mi"}}
+DEV_OPERATOR_RESOURCES = {"requests": {"cpu": "50m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}}
 
 
 class NodeStackError(RuntimeError):
