@@ -39,6 +39,8 @@ def test_kubectl_apply_examples_runs_everything_on_ray_pods(operator: Cluster) -
         pods_checked.extend(p["metadata"]["name"] for p in pods)
 
     follow(operator, traces, TIMEOUT_S, on_pods=credentials_by_reference)
+    for trace in traces:
+        operator.record(f"{trace.kind}/{trace.name}", {"phase": trace.phase, **trace.seconds()})
     assert pods_checked, "no Ray pod was seen while the jobs ran"
     failed = {f"{t.kind}/{t.name}": (t.obj.get("status") or {}).get("conditions") for t in traces if t.phase != "Succeeded"}
     assert not failed, json.dumps(failed, indent=1)[:4000]
@@ -52,7 +54,6 @@ def test_kubectl_apply_examples_runs_everything_on_ray_pods(operator: Cluster) -
         if trace.kind != "vectorization":
             info = geozarr.describe(uri)  # the committed store, read back from the S3 server
             assert info.shape[-1] > 0 and info.shape[-2] > 0
-        operator.record(f"{trace.kind}/{trace.name}", trace.seconds())
     prediction = next(t for t in traces if t.kind == "prediction")
     assert geozarr.describe(prediction.obj["status"]["outputs"]["uri"]).bands == ("no_change", "change")
 
