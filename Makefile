@@ -1,5 +1,6 @@
 # rasterkube — the two commands in the README: `make demo` and `make test`.
 # Both bootstrap .venv from the project's own files (pyproject.toml + pinned constraints).
+# `make test-node` runs the real-node suite (root; installs the Debian packages it needs).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit bench bench-operator crds check-crds clean
+.PHONY: install demo test test-unit test-node node-deps bench bench-operator crds check-crds dockerfile clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "rasterkube needs Python >= 3.11 (set PYTHON=...)")'
@@ -22,7 +23,16 @@ demo: $(STAMP)
 	$(VENV)/bin/rasterkube demo --out out/demo
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --ignore=tests/node $(PYTEST_ARGS)
+
+# Debian packages of the node (containerd, runc, CNI plugins, iptables, conntrack) and of the
+# image builder (debootstrap), installed with apt when missing.
+node-deps: $(STAMP)
+	$(PY) -m rasterkube_devstack.debian --image
+
+# The real node: chart installed with helm, KubeRay running Ray pods, faults (tests/node).
+test-node: node-deps
+	$(PY) -m pytest tests/node $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
@@ -43,6 +53,10 @@ crds: $(STAMP)
 
 check-crds: $(STAMP)
 	$(VENV)/bin/rasterkube crds --check
+
+# The registry Dockerfile, rendered from the image recipe the dev node builds without Docker.
+dockerfile: $(STAMP)
+	$(PY) -m rasterkube_devstack.rasterkube_image --dockerfile
 
 clean:
 	rm -rf out .pytest_cache

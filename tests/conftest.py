@@ -37,7 +37,7 @@ def ray_session() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real S3-compatible server process; AWS_* env points s3fs (and Ray workers) at it."""
-    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    log = tmp_path_factory.mktemp("s3") / "versitygw.log"
     with s3_server(str(log)) as endpoint:
         old = {k: os.environ.get(k) for k in s3_env(endpoint)}
         os.environ.update(s3_env(endpoint))

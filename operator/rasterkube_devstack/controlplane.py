@@ -15,7 +15,15 @@ Layout under ``directory``::
     logs/<component>.log  stdout+stderr of each process
     pids/<component>.pid  JSON {pid, exe}; lets stop() work from any process
 
-Limitations (by design: there is no kube-controller-manager, scheduler or
+With ``netns=`` (the real node, :mod:`rasterkube_devstack.node`) etcd and the API server
+run inside that network namespace instead, the API server on the node address (``address``)
+at port 6443 with the Node authorizer, ServiceAccount admission and a lease-reconciled
+``kubernetes`` Service; a forwarder (:mod:`.forward`) gives this machine's loopback a port
+for kubectl. Each node component then has its own identity (a static token, one kubeconfig
+each under ``kubeconfigs/``) and the API server its client certificate for kubelets. The
+limitations below are those of the API-only control plane.
+
+Limitations of the API-only control plane (there is no kube-controller-manager, scheduler or
 kubelet):
 
 * Deployments/ReplicaSets/Jobs are stored but never get Pods; Pods stay
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import http.client
 import ipaddress
 import json
 import os
@@ -44,8 +53,10 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -59,13 +70,28 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from rasterkube_devstack import binaries
+from rasterkube_devstack import binaries, netns, processes
 
 LOOPBACK = "127.0.0.1"
 ETCD = "etcd"
 APISERVER = "kube-apiserver"
+#: The loopback port of this machine that leads to an API server inside a namespace.
+APISERVER_FORWARD = "kube-apiserver-forward"
 #: Stop order: apiserver first so it does not spam errors about a dead etcd.
 COMPONENTS = (APISERVER, ETCD)
+#: Fixed ports inside a namespace of our own (no one else binds there).
+NETNS_APISERVER_PORT = 6443
+NETNS_ETCD_CLIENT_PORT = 2379
+NETNS_ETCD_PEER_PORT = 2380
+#: Identities of the node components (static tokens): the names Kubernetes' bootstrap RBAC
+#: and the Node authorizer know. The kubelet's is system:node:<node name> in system:nodes.
+COMPONENT_USERS = {
+    "kube-controller-manager": ("system:kube-controller-manager", ()),
+    "kube-scheduler": ("system:kube-scheduler", ()),
+    "kube-proxy": ("system:kube-proxy", ()),
+}
+NODES_GROUP = "system:nodes"
+KUBELET_CLIENT_CN = "kube-apiserver-kubelet-client"
 
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 #: First IP of the service range: the in-cluster "kubernetes" Service IP.
@@ -153,6 +179,21 @@ class _Layout:
         return self.pki / "tokens.csv"
 
     @property
+    def kubelet_client_cert(self) -> Path:
+        return self.pki / "apiserver-kubelet-client.crt"
+
+    @property
+    def kubelet_client_key(self) -> Path:
+        return self.pki / "apiserver-kubelet-client.key"
+
+    def component_kubeconfig(self, component: str) -> Path:
+        return self.root / "kubeconfigs" / f"{component}.kubeconfig"
+
+    @property
+    def forward_port_file(self) -> Path:
+        return self.root / "pids" / f"{APISERVER_FORWARD}.port"
+
+    @property
     def cert_dir(self) -> Path:
         return self.root / "apiserver-certs"
 
@@ -176,6 +217,8 @@ class _Layout:
 class _Pki:
     ca_pem: bytes
     token: str
+    #: component -> (user, token) for the node components (empty without a node)
+    components: dict[str, tuple[str, str]]
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -231,11 +274,12 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
 
 
 def _make_serving_cert(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, extra_ips: Sequence[str] = ()
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(name) for name in SERVING_CERT_DNS_NAMES]
-    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in (LOOPBACK, KUBERNETES_SERVICE_IP)]
+    ips = dict.fromkeys((LOOPBACK, KUBERNETES_SERVICE_IP, *extra_ips))
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         _cert_builder(APISERVER, ca_cert.subject, key.public_key())
@@ -249,10 +293,39 @@ def _make_serving_cert(
     return key, cert
 
 
-def _write_pki(layout: _Layout) -> _Pki:
-    """Fresh CA, serving cert, SA key pair and admin token for this start()."""
+def _make_client_cert(
+    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common_name: str, organization: str
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A client certificate (CN = user, O = group) signed by the CA."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    )
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + CERT_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _write_pki(layout: _Layout, extra_ips: Sequence[str] = (), node_name: str | None = None) -> _Pki:
+    """Fresh CA, serving cert, SA key pair and tokens for this start().
+
+    With ``node_name`` also the identities of the node components (tokens) and the API
+    server's client certificate for talking to the kubelet.
+    """
     ca_key, ca_cert = _make_ca()
-    serving_key, serving_cert = _make_serving_cert(ca_key, ca_cert)
+    serving_key, serving_cert = _make_serving_cert(ca_key, ca_cert, extra_ips)
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     layout.pki.mkdir(parents=True, exist_ok=True)
     layout.ca_cert.write_bytes(ca_pem)
@@ -269,8 +342,20 @@ def _write_pki(layout: _Layout) -> _Pki:
 
     token = secrets.token_urlsafe(32)
     # Static token file format: token,user,uid,"group1,group2"
-    _write_private(layout.token_file, f'{token},{ADMIN_USER},{ADMIN_UID},"{ADMIN_GROUP}"\n'.encode())
-    return _Pki(ca_pem=ca_pem, token=token)
+    lines = [f'{token},{ADMIN_USER},{ADMIN_UID},"{ADMIN_GROUP}"']
+    components: dict[str, tuple[str, str]] = {}
+    if node_name is not None:
+        users = {**COMPONENT_USERS, "kubelet": (f"system:node:{node_name}", (NODES_GROUP,))}
+        for component, (user, groups) in users.items():
+            component_token = secrets.token_urlsafe(32)
+            components[component] = (user, component_token)
+            lines.append(f'{component_token},{user},{user}' + (f',"{",".join(groups)}"' if groups else ""))
+        # The API server authenticates to kubelets (logs, exec, port-forward) with this.
+        client_key, client_cert = _make_client_cert(ca_key, ca_cert, KUBELET_CLIENT_CN, ADMIN_GROUP)
+        layout.kubelet_client_cert.write_bytes(client_cert.public_bytes(serialization.Encoding.PEM))
+        _write_private(layout.kubelet_client_key, _key_pem(client_key))
+    _write_private(layout.token_file, ("\n".join(lines) + "\n").encode())
+    return _Pki(ca_pem=ca_pem, token=token, components=components)
 
 
 # --------------------------------------------------------------------------
@@ -292,12 +377,15 @@ def _tail(path: Path, limit: int = LOG_TAIL_CHARS) -> str:
     return text if len(text) <= limit else "…" + text[-limit:]
 
 
-def _spawn(component: str, exe: Path, args: Sequence[str], layout: _Layout) -> subprocess.Popen[bytes]:
+def _spawn(
+    component: str, exe: Path, args: Sequence[str], layout: _Layout, ns: netns.Namespace | None = None
+) -> subprocess.Popen[bytes]:
     log_path = layout.log(component)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [str(exe), *args]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [str(exe), *args],
+            ns.command(argv) if ns is not None else argv,  # nsenter execs exe: same pid
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -387,6 +475,48 @@ def _opener(context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
 
 
+class _NamespaceHTTPConnection(http.client.HTTPConnection):
+    """HTTP to an address inside a network namespace (the socket is made there)."""
+
+    def __init__(self, ns: netns.Namespace, host: str, port: int | None, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._ns = ns
+
+    def connect(self) -> None:
+        self.sock = self._ns.connect((self.host, self.port), self.timeout)
+
+
+class _NamespaceHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(
+        self, ns: netns.Namespace, host: str, port: int | None, timeout: float, context: ssl.SSLContext | None
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._ns = ns
+
+    def connect(self) -> None:
+        sock = self._ns.connect((self.host, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+
+def _http_in_namespace(
+    ns: netns.Namespace, url: str, context: ssl.SSLContext | None, headers: dict[str, str], method: str,
+    data: bytes | None,
+) -> tuple[int, str]:  # fmt: skip
+    parsed = urllib.parse.urlsplit(url)
+    host, port = parsed.hostname or LOOPBACK, parsed.port
+    conn: http.client.HTTPConnection = (
+        _NamespaceHTTPSConnection(ns, host, port, HTTP_TIMEOUT_S, context)
+        if parsed.scheme == "https"
+        else _NamespaceHTTPConnection(ns, host, port, HTTP_TIMEOUT_S)
+    )
+    try:
+        conn.request(method, parsed.path + (f"?{parsed.query}" if parsed.query else ""), body=data, headers=headers)
+        response = conn.getresponse()
+        return int(response.status), response.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
 def _http(
     url: str,
     *,
@@ -394,9 +524,17 @@ def _http(
     token: str | None = None,
     method: str = "GET",
     body: Mapping[str, object] | None = None,
+    ns: netns.Namespace | None = None,
 ) -> tuple[int, str]:
-    """Tiny stdlib HTTP client: returns (status, body) for any HTTP status."""
+    """Tiny stdlib HTTP client: returns (status, body) for any HTTP status.
+
+    With ``ns`` the URL is an address inside that network namespace."""
     data = json.dumps(body).encode() if body is not None else None
+    if ns is not None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        return _http_in_namespace(ns, url, context, headers, method, data)
     request = urllib.request.Request(url, data=data, method=method)
     if token:
         request.add_header("Authorization", f"Bearer {token}")
@@ -463,28 +601,43 @@ def etcd_args(data_dir: Path, client_port: int, peer_port: int) -> list[str]:
     ]
 
 
-def apiserver_args(layout: _Layout, etcd_url: str, secure_port: int) -> list[str]:
-    return [
+def apiserver_args(
+    layout: _Layout, etcd_url: str, secure_port: int, address: str = LOOPBACK, node: bool = False
+) -> list[str]:
+    """The API server's flags; ``node``: for a control plane with a real node (see the module docstring)."""
+    args = [
         f"--etcd-servers={etcd_url}",
-        f"--bind-address={LOOPBACK}",
-        f"--advertise-address={LOOPBACK}",
+        f"--bind-address={address}",
+        f"--advertise-address={address}",
         f"--secure-port={secure_port}",
         f"--cert-dir={layout.cert_dir}",
         f"--tls-cert-file={layout.serving_cert}",
         f"--tls-private-key-file={layout.serving_key}",
         f"--token-auth-file={layout.token_file}",
-        "--authorization-mode=RBAC",
         f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
         f"--service-account-key-file={layout.sa_public_key}",
         f"--service-account-signing-key-file={layout.sa_private_key}",
         f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-        f"--disable-admission-plugins={','.join(DISABLED_ADMISSION_PLUGINS)}",
         "--allow-privileged=true",
+        "--profiling=false",
+    ]
+    if node:
+        return args + [
+            # Kubelets get exactly their own node's objects (Node authorizer + NodeRestriction).
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--client-ca-file={layout.ca_cert}",
+            f"--kubelet-client-certificate={layout.kubelet_client_cert}",
+            f"--kubelet-client-key={layout.kubelet_client_key}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ]
+    return args + [
+        "--authorization-mode=RBAC",
+        f"--disable-admission-plugins={','.join(DISABLED_ADMISSION_PLUGINS)}",
         # The "kubernetes" Service would otherwise get a 127.0.0.1 endpoint,
         # which Endpoints validation rejects (log spam every 10 s); nothing
         # in-cluster could reach it anyway.
         "--endpoint-reconciler-type=none",
-        "--profiling=false",
     ]
 
 
@@ -493,7 +646,7 @@ def apiserver_args(layout: _Layout, etcd_url: str, secure_port: int) -> list[str
 # --------------------------------------------------------------------------
 
 
-def _kubeconfig(server: str, ca_pem: bytes, token: str) -> dict[str, object]:
+def _kubeconfig(server: str, ca_pem: bytes, token: str, user: str = ADMIN_USER) -> dict[str, object]:
     return {
         "apiVersion": "v1",
         "kind": "Config",
@@ -506,11 +659,11 @@ def _kubeconfig(server: str, ca_pem: bytes, token: str) -> dict[str, object]:
                 },
             }
         ],
-        "users": [{"name": ADMIN_USER, "user": {"token": token}}],
+        "users": [{"name": user, "user": {"token": token}}],
         "contexts": [
             {
                 "name": KUBECONFIG_NAME,
-                "context": {"cluster": KUBECONFIG_NAME, "user": ADMIN_USER, "namespace": DEFAULT_NAMESPACE},
+                "context": {"cluster": KUBECONFIG_NAME, "user": user, "namespace": DEFAULT_NAMESPACE},
             }
         ],
         "current-context": KUBECONFIG_NAME,
@@ -527,7 +680,11 @@ class ControlPlane:
     """etcd + kube-apiserver rooted at ``directory``; see the module docstring.
 
     ``stop()`` only needs the directory, so ``ControlPlane(d).stop()`` from a
-    different process cleans up a control plane started elsewhere.
+    different process cleans up a control plane started elsewhere (also one that ran in
+    a namespace: the forwarder's pid file is in the same place).
+
+    ``netns``/``address``/``node_name``: run inside that network namespace, serve on
+    ``address`` and create the identities of a node named ``node_name``.
     """
 
     def __init__(
@@ -536,12 +693,18 @@ class ControlPlane:
         *,
         ready_timeout_s: float = APISERVER_READY_TIMEOUT_S,
         extra_apiserver_args: Sequence[str] = (),
+        netns: netns.Namespace | None = None,
+        address: str = LOOPBACK,
+        node_name: str | None = None,
     ) -> None:
         self.directory = Path(directory).resolve()
         self._layout = _Layout(self.directory)
         self._ready_timeout_s = ready_timeout_s
         self._extra_apiserver_args = tuple(extra_apiserver_args)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._netns = netns
+        self._address = address
+        self._node_name = node_name
         self.startup_seconds: float | None = None
 
     # -- public API -------------------------------------------------------
@@ -549,6 +712,14 @@ class ControlPlane:
     @property
     def kubeconfig(self) -> Path:
         return self._layout.kubeconfig
+
+    @property
+    def ca_cert(self) -> Path:
+        return self._layout.ca_cert
+
+    def component_kubeconfig(self, component: str) -> Path:
+        """Kubeconfig of a node component (``kubelet``, ``kube-proxy``, ...), in-namespace server."""
+        return self._layout.component_kubeconfig(component)
 
     @property
     def state(self) -> Mapping[str, object]:
@@ -560,6 +731,11 @@ class ControlPlane:
     def server(self) -> str:
         return str(self.state["server"])
 
+    @property
+    def inner_server(self) -> str:
+        """The API server's URL as seen inside its namespace (= ``server`` without one)."""
+        return str(self.state.get("inner_server") or self.state["server"])
+
     def env(self) -> dict[str, str]:
         """os.environ plus KUBECONFIG pointing at this control plane."""
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
@@ -567,11 +743,17 @@ class ControlPlane:
     def pids(self) -> dict[str, int]:
         """Pids recorded in the pid files (components that were started)."""
         found = {c: _read_pid(self._layout.pid(c)) for c in COMPONENTS}
-        return {c: rec[0] for c, rec in found.items() if rec is not None}
+        pids = {c: rec[0] for c, rec in found.items() if rec is not None}
+        forward = processes.read_record(self._layout.pid(APISERVER_FORWARD))
+        if forward is not None:
+            pids[APISERVER_FORWARD] = int(forward["pid"])  # type: ignore[call-overload]
+        return pids
 
     def is_running(self) -> bool:
         records = [_read_pid(self._layout.pid(c)) for c in COMPONENTS]
-        return any(rec is not None and _is_our_process(*rec) for rec in records)
+        return any(rec is not None and _is_our_process(*rec) for rec in records) or processes.is_running(
+            self._layout.pid(APISERVER_FORWARD)
+        )
 
     def start(self) -> Self:
         """Start etcd and kube-apiserver and wait until /readyz is ok."""
@@ -580,21 +762,30 @@ class ControlPlane:
         started = time.monotonic()
         etcd_exe, apiserver_exe = binaries.ensure_etcd(), binaries.ensure_kube_apiserver()
         ensured = time.monotonic()
+        extra_ips = [self._address] if self._address != LOOPBACK else []
         try:
-            pki = _write_pki(self._layout)
+            pki = _write_pki(self._layout, extra_ips, self._node_name)
             etcd_url, etcd_ports = self._start_etcd(etcd_exe)
-            server, secure_port = self._start_apiserver(apiserver_exe, etcd_url, pki)
-            self._ensure_default_namespace(server, pki)
+            inner, secure_port = self._start_apiserver(apiserver_exe, etcd_url, pki)
+            server = self._start_forwarder(secure_port) if self._netns is not None else inner
+            self._ensure_default_namespace(inner, pki)
         except BaseException:
             self.stop()
             raise
         self.kubeconfig.write_text(yaml.safe_dump(_kubeconfig(server, pki.ca_pem, pki.token), sort_keys=False))
         self.kubeconfig.chmod(0o600)
+        for component, (user, token) in pki.components.items():
+            path = self._layout.component_kubeconfig(component)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(yaml.safe_dump(_kubeconfig(inner, pki.ca_pem, token, user), sort_keys=False))
         self.startup_seconds = time.monotonic() - ensured
         self._layout.state.write_text(
             json.dumps(
                 {
                     "server": server,
+                    "inner_server": inner,
+                    "netns": self._netns.name if self._netns is not None else None,
                     "etcd_url": etcd_url,
                     "apiserver_secure_port": secure_port,
                     "etcd_client_port": etcd_ports[0],
@@ -610,7 +801,9 @@ class ControlPlane:
         return self
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Stop both components (idempotent; works from any process)."""
+        """Stop both components and the forwarder (idempotent; works from any process)."""
+        processes.stop_detached(self._layout.pid(APISERVER_FORWARD), timeout_s=timeout_s)
+        self._layout.forward_port_file.unlink(missing_ok=True)
         for component in COMPONENTS:
             _stop_component(self._layout.pid(component), self._children.pop(component, None), timeout_s)
 
@@ -637,7 +830,7 @@ class ControlPlane:
         """Spawn ``component`` and wait for its probe, retrying on port races."""
         for attempt in range(1, PORT_ATTEMPTS + 1):
             args, probe = make_args()
-            proc = _spawn(component, exe, args, self._layout)
+            proc = _spawn(component, exe, args, self._layout, self._netns)
             self._children[component] = proc
             try:
                 _wait_until(component, probe, proc, timeout_s, self._layout.log(component))
@@ -648,6 +841,10 @@ class ControlPlane:
                 if ADDRESS_IN_USE not in exc.log_tail or attempt == PORT_ATTEMPTS:
                     raise
 
+    def _ports(self, *fixed: int) -> list[int]:
+        """Fixed ports inside our own namespace; free loopback ports otherwise."""
+        return list(fixed) if self._netns is not None else [_free_port() for _ in fixed]
+
     def _start_etcd(self, exe: Path) -> tuple[str, tuple[int, int]]:
         # Fresh data each start: stale member/peer URLs from a previous run
         # (different ports) would otherwise confuse a single-node etcd.
@@ -655,11 +852,11 @@ class ControlPlane:
         chosen: dict[str, int] = {}
 
         def make_args() -> tuple[list[str], Callable[[], bool]]:
-            chosen.update(client=_free_port(), peer=_free_port())
+            chosen["client"], chosen["peer"] = self._ports(NETNS_ETCD_CLIENT_PORT, NETNS_ETCD_PEER_PORT)
             url = f"http://{LOOPBACK}:{chosen['client']}"
 
             def probe() -> bool:
-                status, body = _http(f"{url}/health")
+                status, body = _http(f"{url}/health", ns=self._netns)
                 return status == 200 and json.loads(body).get("health") == "true"
 
             return etcd_args(self._layout.etcd_data, chosen["client"], chosen["peer"]), probe
@@ -672,19 +869,39 @@ class ControlPlane:
         chosen: dict[str, int] = {}
 
         def make_args() -> tuple[list[str], Callable[[], bool]]:
-            chosen["port"] = _free_port()
-            url = f"https://{LOOPBACK}:{chosen['port']}"
+            (chosen["port"],) = self._ports(NETNS_APISERVER_PORT)
+            url = f"https://{self._address}:{chosen['port']}"
 
             def probe() -> bool:
-                status, body = _http(f"{url}/readyz", context=context, token=pki.token)
+                status, body = _http(f"{url}/readyz", context=context, token=pki.token, ns=self._netns)
                 return status == 200 and body.strip() == "ok"
 
-            args = apiserver_args(self._layout, etcd_url, chosen["port"]) + list(self._extra_apiserver_args)
-            return args, probe
+            args = apiserver_args(self._layout, etcd_url, chosen["port"], self._address, self._node_name is not None)
+            return args + list(self._extra_apiserver_args), probe
 
         self._layout.cert_dir.mkdir(parents=True, exist_ok=True)
         self._launch(APISERVER, exe, make_args, self._ready_timeout_s)
-        return f"https://{LOOPBACK}:{chosen['port']}", chosen["port"]
+        return f"https://{self._address}:{chosen['port']}", chosen["port"]
+
+    def _start_forwarder(self, secure_port: int) -> str:
+        """A loopback port here that leads to the API server in the namespace; returns its URL."""
+        assert self._netns is not None
+        port_file = self._layout.forward_port_file
+        port_file.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "rasterkube_devstack.forward", "--netns", self._netns.name,
+                "--listen", f"{LOOPBACK}:0", "--target", f"{self._address}:{secure_port}",
+                "--port-file", str(port_file)]  # fmt: skip
+        log_path = self._layout.log(APISERVER_FORWARD)
+        proc = processes.start_detached(argv, pid_file=self._layout.pid(APISERVER_FORWARD), log_file=log_path,
+                                        env=dict(os.environ))  # fmt: skip
+        deadline = time.monotonic() + ETCD_READY_TIMEOUT_S
+        while not port_file.exists():
+            if proc.poll() is not None:
+                raise ControlPlaneError(f"the API server forwarder exited with {proc.returncode}:\n{_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"the API server forwarder did not start:\n{_tail(log_path)}")
+            time.sleep(POLL_INTERVAL_S)
+        return f"https://{LOOPBACK}:{int(port_file.read_text())}"
 
     def _ensure_default_namespace(self, server: str, pki: _Pki) -> None:
         """Make sure the ``default`` namespace exists.
@@ -697,12 +914,12 @@ class ControlPlane:
         url = f"{server}/api/v1/namespaces"
         deadline = time.monotonic() + DEFAULT_NAMESPACE_GRACE_S
         while time.monotonic() < deadline:
-            status, _ = _http(f"{url}/{DEFAULT_NAMESPACE}", context=context, token=pki.token)
+            status, _ = _http(f"{url}/{DEFAULT_NAMESPACE}", context=context, token=pki.token, ns=self._netns)
             if status == 200:
                 return
             time.sleep(POLL_INTERVAL_S)
         manifest = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": DEFAULT_NAMESPACE}}
-        status, body = _http(url, context=context, token=pki.token, method="POST", body=manifest)
+        status, body = _http(url, context=context, token=pki.token, method="POST", body=manifest, ns=self._netns)
         if status not in (200, 201, 409):
             raise ControlPlaneError(
                 f"creating namespace {DEFAULT_NAMESPACE!r} failed: HTTP {status}: {body}\n"

@@ -30,11 +30,15 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from rasterkube_devstack import binaries
 from rasterkube_devstack.binaries import BinaryBuildError
+
+if TYPE_CHECKING:
+    from rasterkube_devstack import images
 
 log = logging.getLogger(__name__)
 
@@ -192,3 +196,57 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# --------------------------------------------------------------------------
+# The KubeRay operator in the cluster (the real node)
+# --------------------------------------------------------------------------
+
+OPERATOR_NAMESPACE = "kuberay-system"
+OPERATOR_REPOSITORY = "rasterkube.local/kuberay-operator"
+#: KubeRay's own kustomize bases (RBAC and the manager Deployment) inside the module.
+OPERATOR_BASES = (Path("config/rbac"), Path("config/manager"))
+#: The image name KubeRay's manager.yaml refers to (replaced by kustomize's images transformer).
+UPSTREAM_IMAGE = "kuberay/operator"
+
+
+def module_dir(version: str = KUBERAY_VERSION) -> Path:
+    """The KubeRay module in the Go module cache (downloaded on first use)."""
+    return Path(str(_download_module(version)["Dir"]))
+
+
+def operator_image(version: str = KUBERAY_VERSION) -> images.Image:
+    """An image of the KubeRay operator binary built here (``/manager``, as upstream's image)."""
+    from rasterkube_devstack import images
+
+    return images.single_file_image(OPERATOR_REPOSITORY, version, ensure_kuberay_operator(version), "/manager",
+                                    images.ImageConfig(entrypoint=["/manager"], user="65532:65532"))  # fmt: skip
+
+
+def operator_manifests(kubectl: Path, image: str, namespace: str = OPERATOR_NAMESPACE,
+                       version: str = KUBERAY_VERSION) -> str:  # fmt: skip
+    """KubeRay's own RBAC and Deployment for ``version`` (its kustomize bases), with ``image``.
+
+    Rendered by kubectl's built-in kustomize, so the operator runs with exactly the
+    permissions and flags that KubeRay ships for the CRDs of the same version.
+    """
+    source = module_dir(version)
+    repository, _, tag = image.rpartition(":")
+    scratch = binaries.cache_dir() / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kuberay-kustomize-", dir=scratch) as tmp:
+        kustomization = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "namespace": namespace,
+            # kustomize takes bases by relative path only
+            "resources": [os.path.relpath(source / base, tmp) for base in OPERATOR_BASES],
+            "images": [{"name": UPSTREAM_IMAGE, "newName": repository, "newTag": tag}],
+        }
+        (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        proc = subprocess.run([str(kubectl), "kustomize", tmp], capture_output=True, text=True, timeout=120,
+                              check=False)  # fmt: skip
+    if proc.returncode != 0:
+        raise BinaryBuildError(f"rendering KubeRay's manifests with kustomize failed: {proc.stderr[-2000:]}")
+    namespace_doc = yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    return namespace_doc + "---\n" + proc.stdout

@@ -10,19 +10,28 @@ Processes are started inside with ``nsenter --net=/run/netns/NAME`` rather than
 ``ip netns exec``: the latter also remounts /sys, which hides the cgroup mounts that
 containerd and kubelet need. Thin wrappers over iproute2; every name we create starts with a
 prefix of the caller's, so ``cleanup(prefix)`` removes exactly ours.
+
+This process itself can open sockets inside a namespace (:meth:`Namespace.socket`,
+:meth:`Namespace.connect`) and read or write its ``/proc/sys/net`` settings
+(:meth:`Namespace.sysctl`) without starting a process: a short-lived thread joins the
+namespace with ``setns(2)``, and what it opens stays in that namespace. That is how the
+dev stack probes servers in its node namespace and forwards loopback ports into it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 NETNS_DIR: Final = Path("/run/netns")
 IP: Final = "ip"
@@ -30,6 +39,11 @@ NSENTER: Final = "nsenter"
 #: Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 MAX_IFNAME: Final = 15
 COMMAND_TIMEOUT_S: Final = 30
+#: setns(2) flag for network namespaces (<sched.h>); Python 3.12 has os.setns, 3.11 has not.
+CLONE_NEWNET: Final = 0x40000000
+SYSCTL_NET: Final = Path("/proc/sys/net")
+
+_T = TypeVar("_T")
 
 
 class NetnsError(RuntimeError):
@@ -99,6 +113,76 @@ class Namespace:
 
     def attach(self, ifname: str, bridge: str) -> None:
         self.ip("link", "set", _check_ifname(ifname), "master", _check_ifname(bridge))
+
+    def run_inside(self, fn: Callable[[], _T]) -> _T:
+        """``fn()`` on a thread that has joined this namespace (sockets it makes stay there)."""
+        return run_in_namespace(self.path, fn)
+
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
+        """A new socket that lives in this namespace (connect/bind it from any thread)."""
+        return self.run_inside(lambda: socket.socket(family, type))
+
+    def connect(self, address: tuple[str, int], timeout_s: float = 5.0) -> socket.socket:
+        """A TCP connection to ``address`` as seen from inside this namespace."""
+        sock = self.socket()
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def sysctl(self, key: str, value: str | None = None) -> str:
+        """Read (and with ``value`` first write) ``net.*`` setting ``key`` of this namespace.
+
+        Only ``net.`` keys: they are the per-namespace ones (``/proc/sys/net`` shows the
+        namespace of whoever opens it); anything else would change the whole machine.
+        """
+        if not key.startswith("net."):
+            raise ValueError(f"{key!r}: only net.* settings belong to a network namespace")
+        path = SYSCTL_NET.parent / key.replace(".", "/")
+
+        def access() -> str:
+            if value is not None:
+                path.write_text(f"{value}\n")
+            return path.read_text().strip()
+
+        return self.run_inside(access)
+
+
+def _libc_setns(fd: int, nstype: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def run_in_namespace(path: Path, fn: Callable[[], _T]) -> _T:
+    """Run ``fn`` on a new thread that joined the network namespace at ``path``.
+
+    setns(CLONE_NEWNET) changes only the calling thread, so the rest of the process stays
+    where it is; the thread ends with ``fn``.
+    """
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _libc_setns(fd, CLONE_NEWNET)
+            finally:
+                os.close(fd)
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 — re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"netns-{path.name}", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
 
 
 def create(name: str) -> Namespace:

@@ -1,36 +1,42 @@
-"""A real S3-compatible server for the dev stack: moto in server mode, as a detached process.
+"""A real S3 server for the dev stack and the tests: versitygw, as a detached process.
 
-``S3Server(directory).start()`` runs ``python -m moto.server -H 127.0.0.1 -p PORT`` on a free
-loopback port in its own session, waits until it answers, creates the buckets and records
-``{pid, start_ticks, argv, port, endpoint}`` in ``directory/pids/s3.pid`` so that
-``S3Server(directory).stop()`` works from any later process. Data lives in the server's
-memory: a restart starts empty.
+``S3Server(directory).start()`` runs the Versity S3 Gateway (``versitygw``, built from the Go
+module proxy by :mod:`.binaries`) with its posix backend: every bucket is a directory under
+``directory/s3-data`` and every object a file in it (metadata in extended attributes). It
+listens on a free loopback port, or — with ``netns=`` — on an address inside a network
+namespace (the real node's, so that pods reach it) with a loopback port of this machine
+forwarded to it (:mod:`.forward`) for the tests and the developer. The process is recorded in
+``directory/pids/<name>.pid`` (:mod:`.processes`), so ``S3Server(directory).stop()`` works from
+any later process. Data stays on disk until the directory is removed.
 
-The credentials below are **for the local dev server only** — moto accepts any key; they
-exist because every S3 client insists on having some. Never use them for a real store.
+Why versitygw: one static binary that builds in a minute, a real S3 implementation (SigV4,
+multipart uploads, conditional writes, ranged reads, listings with delimiters) rather than a
+mock, Apache-2.0, and objects as plain files that a person can inspect. MinIO would serve too
+but is AGPL with a much larger build; SeaweedFS needs a master, a volume server and a filer.
 
-The detached-process helpers at the bottom (``start_detached``, ``stop_detached``,
-``session_processes``...) are shared with :mod:`rasterkube_devstack.stack`, which
-runs the Ray head and the operator the same way.
+The credentials below are **for the local dev server only** — they exist because every S3
+client insists on having some. Never use them for a real store.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from rasterkube_devstack import binaries, netns, processes
 from rasterkube_devstack.controlplane import _free_port, _http, _tail
+from rasterkube_devstack.processes import is_running, read_record, start_detached, stop_detached
 
 LOOPBACK = "127.0.0.1"
 
 # --------------------------------------------------------------------------
-# Dev-only credentials (moto accepts anything; never use these elsewhere)
+# Dev-only credentials (never use these elsewhere)
 # --------------------------------------------------------------------------
 
 DEV_ACCESS_KEY_ID = "rasterkube-dev-only"
@@ -39,12 +45,12 @@ DEV_REGION = "us-east-1"
 DEFAULT_BUCKET = "rasterkube"
 
 NAME = "s3"
+#: versitygw's port inside a namespace of our own (nothing else binds there).
+NETNS_PORT = 9000
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.1
 PORT_ATTEMPTS = 3
-#: moto's management API; answers once the server is up (no credentials needed).
-READY_PATH = "/moto-api/"
 
 
 class S3ServerError(RuntimeError):
@@ -63,32 +69,36 @@ def credentials_env(
     }
 
 
-def moto_command(port: int, python: str = sys.executable) -> list[str]:
-    return [python, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)]
+def versitygw_command(exe: Path, listen: str, data_dir: Path) -> list[str]:
+    """The gateway's command line: posix backend on ``data_dir``, listening on ``listen`` (HOST:PORT).
+
+    The credentials go in through the environment (:func:`versitygw_env`), not argv, where
+    every process listing would show them.
+    """
+    return [str(exe), "--port", listen, "--region", DEV_REGION, "--quiet", "posix", str(data_dir)]
 
 
-def _check_moto_installed() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("moto.server") is None:
-        raise S3ServerError(
-            "the dev S3 server needs moto in server mode: pip install 'moto[server]' "
-            "(it is part of rasterkube's [test] extra)"
-        )
+def versitygw_env(access_key: str, secret_key: str) -> dict[str, str]:
+    # The server needs no AWS_* of its own; keep any real ones out of its environment.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(ROOT_ACCESS_KEY_ID=access_key, ROOT_SECRET_ACCESS_KEY=secret_key)
+    return env
 
 
-def is_ready(endpoint: str) -> bool:
+def answers(endpoint: str, ns: netns.Namespace | None = None) -> bool:
+    """The server answers HTTP (an anonymous request is refused: 403 means it is up)."""
     try:
-        status, _ = _http(endpoint + READY_PATH)
+        status, _ = _http(endpoint + "/", ns=ns)
     except OSError:
         return False
-    return status == 200
+    return status in (200, 403)
 
 
-def wait_ready(endpoint: str, proc: subprocess.Popen[bytes] | None, log_path: Path, timeout_s: float) -> None:
+def wait_ready(endpoint: str, proc: subprocess.Popen[bytes] | None, log_path: Path, timeout_s: float,
+               ns: netns.Namespace | None = None) -> None:  # fmt: skip
     """Poll until the server answers; fail fast with the log tail if it exits."""
     deadline = time.monotonic() + timeout_s
-    while not is_ready(endpoint):
+    while not answers(endpoint, ns):
         if proc is not None and proc.poll() is not None:
             raise _Exited(f"S3 server exited with code {proc.returncode}.\n--- {log_path} ---\n{_tail(log_path)}")
         if time.monotonic() > deadline:
@@ -121,55 +131,74 @@ def create_buckets(
     for bucket in buckets:
         try:
             client.create_bucket(Bucket=bucket)
-        except client.exceptions.BucketAlreadyOwnedByYou:
+        except (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
             pass
 
 
 class S3Server:
-    """moto in server mode rooted at ``directory`` (``pids/s3.pid``, ``logs/s3.log``).
+    """versitygw rooted at ``directory`` (``pids/<name>.pid``, ``logs/<name>.log``, ``<name>-data/``).
 
-    ``stop()``, ``is_running()`` and ``endpoint`` only need the directory, so another
-    process can manage a server started elsewhere.
+    ``stop()``, ``is_running()`` and ``endpoint`` only need the directory, so another process
+    can manage a server started elsewhere. ``netns``/``address``: serve inside that network
+    namespace on ``address`` (``inner_endpoint``), forwarded to a loopback port (``endpoint``).
     """
 
-    def __init__(self, directory: Path, name: str = NAME) -> None:
+    def __init__(self, directory: Path, name: str = NAME, *, netns: netns.Namespace | None = None,
+                 address: str = LOOPBACK, access_key: str = DEV_ACCESS_KEY_ID,
+                 secret_key: str = DEV_SECRET_ACCESS_KEY) -> None:  # fmt: skip
         self.directory = Path(directory).resolve()
         self.name = name
         self.pid_file = self.directory / "pids" / f"{name}.pid"
         self.log_file = self.directory / "logs" / f"{name}.log"
+        self.forward_pid_file = self.directory / "pids" / f"{name}-forward.pid"
+        self.data_dir = self.directory / f"{name}-data"
+        self.access_key, self.secret_key = access_key, secret_key
+        self._netns = netns
+        self._address = address
 
     @property
     def endpoint(self) -> str | None:
+        """The URL this machine reaches the server at (loopback)."""
         record = read_record(self.pid_file)
         return str(record["endpoint"]) if record and "endpoint" in record else None
+
+    @property
+    def inner_endpoint(self) -> str | None:
+        """The URL inside the server's namespace (= ``endpoint`` without a namespace)."""
+        record = read_record(self.pid_file)
+        return str(record.get("inner_endpoint") or record["endpoint"]) if record and "endpoint" in record else None
 
     def env(self) -> dict[str, str]:
         endpoint = self.endpoint
         if endpoint is None:
             raise S3ServerError(f"no S3 server recorded in {self.pid_file}")
-        return credentials_env(endpoint)
+        return credentials_env(endpoint, self.access_key, self.secret_key)
 
     def is_running(self) -> bool:
         return is_running(self.pid_file)
 
+    def pids(self) -> list[int]:
+        return processes.recorded_pids(self.pid_file) + processes.recorded_pids(self.forward_pid_file)
+
     def start(self, *, buckets: Sequence[str] = (DEFAULT_BUCKET,), timeout_s: float = READY_TIMEOUT_S) -> str:
-        """Start the server, wait until it answers, create ``buckets``; returns the endpoint URL."""
+        """Start the server, wait until it answers, create ``buckets``; returns the loopback endpoint URL."""
         if self.is_running():
             raise S3ServerError(
                 f"an S3 server is already running in {self.directory} ({self.endpoint}); stop() it first"
             )
-        _check_moto_installed()
+        exe = binaries.ensure_versitygw()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = versitygw_env(self.access_key, self.secret_key)
         for attempt in range(1, PORT_ATTEMPTS + 1):
-            port = _free_port()
-            endpoint = f"http://{LOOPBACK}:{port}"
-            # The server itself needs no credentials; keep any real ones out of its environment.
-            env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-            proc = start_detached(
-                moto_command(port), pid_file=self.pid_file, log_file=self.log_file, env=env,
-                extra={"port": port, "endpoint": endpoint},
-            )  # fmt: skip
+            port = NETNS_PORT if self._netns is not None else _free_port()
+            inner = f"http://{self._address}:{port}"
+            argv = versitygw_command(exe, f"{self._address}:{port}", self.data_dir)
+            if self._netns is not None:
+                argv = self._netns.command(argv)
+            proc = start_detached(argv, pid_file=self.pid_file, log_file=self.log_file, env=env,
+                                  extra={"port": port, "endpoint": inner, "inner_endpoint": inner})  # fmt: skip
             try:
-                wait_ready(endpoint, proc, self.log_file, timeout_s)
+                wait_ready(inner, proc, self.log_file, timeout_s, self._netns)
                 break
             except _Exited:
                 self.pid_file.unlink(missing_ok=True)
@@ -179,182 +208,38 @@ class S3Server:
                 self.stop()
                 raise
         try:
-            create_buckets(endpoint, buckets)
+            endpoint = self._start_forwarder(port) if self._netns is not None else inner
+            record = read_record(self.pid_file) or {}
+            record.update(endpoint=endpoint)
+            tmp = self.pid_file.with_name(f".{self.pid_file.name}.tmp")
+            tmp.write_text(json.dumps(record, indent=2))
+            os.replace(tmp, self.pid_file)
+            create_buckets(endpoint, buckets, self.access_key, self.secret_key)
         except BaseException:
             self.stop()
             raise
         return endpoint
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Stop the server (idempotent; works from any process)."""
-        stop_detached(self.pid_file, timeout_s=timeout_s)
+    def _start_forwarder(self, port: int) -> str:
+        assert self._netns is not None
+        port_file = self.forward_pid_file.with_suffix(".port")
+        port_file.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "rasterkube_devstack.forward", "--netns", self._netns.name,
+                "--listen", f"{LOOPBACK}:0", "--target", f"{self._address}:{port}", "--port-file", str(port_file)]  # fmt: skip
+        log_file = self.log_file.with_name(f"{self.name}-forward.log")
+        proc = start_detached(argv, pid_file=self.forward_pid_file, log_file=log_file, env=dict(os.environ))
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not port_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise S3ServerError(f"the S3 forwarder did not start:\n{_tail(log_file)}")
+            time.sleep(POLL_INTERVAL_S)
+        return f"http://{LOOPBACK}:{int(port_file.read_text())}"
 
-
-# --------------------------------------------------------------------------
-# Detached processes with pid files (shared with stack.py)
-# --------------------------------------------------------------------------
-#
-# Every process is started in a new session (start_new_session=True), so it and everything
-# it spawns share one session id = the leader's pid, even after the leader exited (``ray
-# start`` does). The pid file records the leader's pid and its start time (field 22 of
-# /proc/<pid>/stat), which guards against pid reuse. Stopping signals every process of the
-# session plus every descendant of those (Ray job drivers call setsid themselves), and never
-# anything found by name.
-
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name (index 0 = state), or None."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return text.rsplit(")", 1)[1].split()
-
-
-def start_ticks(pid: int) -> int | None:
-    fields = _stat(pid)
-    return int(fields[19]) if fields else None  # field 22 overall: starttime in clock ticks
-
-
-def _alive(fields: list[str] | None) -> bool:
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
-def is_alive(pid: int) -> bool:
-    """``pid`` exists and is not a zombie."""
-    return _alive(_stat(pid))
-
-
-def start_detached(
-    argv: Sequence[str],
-    *,
-    pid_file: Path,
-    log_file: Path,
-    env: Mapping[str, str],
-    cwd: Path | None = None,
-    extra: Mapping[str, object] | None = None,
-) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in its own session, output to ``log_file``, record it in ``pid_file``."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    pid_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as log:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(env),
-            cwd=cwd,
-            start_new_session=True,
-            close_fds=True,
-        )
-    record = {"pid": proc.pid, "start_ticks": start_ticks(proc.pid), "argv": list(argv), **(extra or {})}
-    tmp = pid_file.with_name(f".{pid_file.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, pid_file)
-    return proc
-
-
-def read_record(pid_file: Path) -> dict[str, object] | None:
-    try:
-        data = json.loads(pid_file.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("pid"), int) else None
-
-
-def session_processes(leader: int, leader_ticks: int | None) -> list[tuple[int, int]]:
-    """(pid, start ticks) of the live processes of ``leader``'s session and their descendants.
-
-    Returns nothing when ``leader``'s pid now belongs to another process (pid reuse: the
-    kernel never reuses a pid while a session of that id has members, so then ours has none).
-    """
-    leader_fields = _stat(leader)
-    if leader_fields is not None and leader_ticks is not None and int(leader_fields[19]) != leader_ticks:
-        return []
-    table: dict[int, list[str]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat(int(entry))
-            if fields is not None:
-                table[int(entry)] = fields
-    # fields: [state, ppid, pgrp, session, ...]
-    members = {pid for pid, f in table.items() if int(f[3]) == leader}
-    children: dict[int, list[int]] = {}
-    for pid, f in table.items():
-        children.setdefault(int(f[1]), []).append(pid)
-    stack = list(members)
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in members:
-                members.add(child)
-                stack.append(child)
-    return sorted((pid, int(table[pid][19])) for pid in members if _alive(table[pid]))
-
-
-def _record_processes(record: Mapping[str, object]) -> list[tuple[int, int]]:
-    ticks = record.get("start_ticks")
-    pid = record["pid"]
-    assert isinstance(pid, int)
-    return session_processes(pid, ticks if isinstance(ticks, int) else None)
-
-
-def is_running(pid_file: Path) -> bool:
-    record = read_record(pid_file)
-    return bool(record and _record_processes(record))
-
-
-def _still_alive(procs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    left = []
-    for pid, ticks in procs:
-        fields = _stat(pid)
-        if _alive(fields) and fields is not None and int(fields[19]) == ticks:
-            left.append((pid, ticks))
-    return left
-
-
-def _signal_all(procs: Iterable[tuple[int, int]], sig: signal.Signals) -> None:
-    for pid, _ in _still_alive(procs):
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _wait_all_gone(procs: list[tuple[int, int]], timeout_s: float) -> list[tuple[int, int]]:
-    deadline = time.monotonic() + timeout_s
-    left = _still_alive(procs)
-    while left and time.monotonic() < deadline:
-        time.sleep(POLL_INTERVAL_S)
-        left = _still_alive(left)
-    return left
-
-
-def stop_detached(pid_file: Path, *, sig: signal.Signals = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S) -> bool:
-    """Signal the recorded session with ``sig``, SIGKILL what is left after ``timeout_s``.
-
-    Removes the pid file. Returns True if something was running. Idempotent.
-    """
-    record = read_record(pid_file)
-    if record is None:
-        pid_file.unlink(missing_ok=True)
-        return False
-    procs = _record_processes(record)
-    if procs:
-        _signal_all(procs, sig)
-        left = _wait_all_gone(procs, timeout_s if sig != signal.SIGKILL else STOP_TIMEOUT_S)
-        # Anything spawned meanwhile, plus what ignored ``sig``.
-        left = sorted(set(left) | set(_record_processes(record)))
-        if left:
-            _signal_all(left, signal.SIGKILL)
-            left = _wait_all_gone(left, STOP_TIMEOUT_S)
-        if left:
-            raise RuntimeError(f"processes {[p for p, _ in left]} of {pid_file} survived SIGKILL")
-    pid_file.unlink(missing_ok=True)
-    return bool(procs)
-
-
-def recorded_pids(pid_file: Path) -> list[int]:
-    """Live pids of the session recorded in ``pid_file`` (empty if none)."""
-    record = read_record(pid_file)
-    return [pid for pid, _ in _record_processes(record)] if record else []
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S, *, remove_data: bool = False) -> bool:
+        """Stop the server (idempotent; works from any process). True if it was running."""
+        forwarded = stop_detached(self.forward_pid_file, timeout_s=timeout_s)
+        was = stop_detached(self.pid_file, timeout_s=timeout_s)
+        self.forward_pid_file.with_suffix(".port").unlink(missing_ok=True)
+        if remove_data:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        return was or forwarded

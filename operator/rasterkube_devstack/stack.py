@@ -7,7 +7,7 @@
    then the rasterkube CRDs (rendered by :mod:`rasterkube.crdgen`, so an installed package
    works without the repository) and the real KubeRay CRDs, applied server-side with
    kubectl and waited for ``Established``;
-3. an S3-compatible server (moto, :mod:`.s3`) with the bucket ``rasterkube``, seeded with
+3. an S3 server (versitygw, :mod:`.s3`) with the bucket ``rasterkube``, seeded with
    the real sample store ``s3://rasterkube/samples/landsat-annual.zarr`` and a static STAC
    catalog of the sample scenes as COGs, ``s3://rasterkube/samples/stac/catalog.json``;
 4. a Ray head (``ray start --head``) on loopback with token auth, started *with* the S3
@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rasterkube_devstack import binaries, s3
+from rasterkube_devstack import binaries, processes, s3
 from rasterkube_devstack.controlplane import ControlPlane, _free_port, _http, _tail
 from rasterkube_devstack.kuberay import CRD_FILES as KUBERAY_CRD_FILES
 from rasterkube_devstack.kuberay import ensure_kuberay_crds
@@ -201,17 +201,17 @@ def load(directory: Path) -> StackInfo:
 def running_pids(directory: Path) -> dict[str, list[int]]:
     """Live pids per component of the stack in ``directory`` (Ray: every process of its session)."""
     directory = Path(directory).resolve()
-    found = {name: s3.recorded_pids(_pid_file(directory, name)) for name in (OPERATOR, RAY, S3)}
+    found = {name: processes.recorded_pids(_pid_file(directory, name)) for name in (OPERATOR, RAY, S3)}
     for name, pid in ControlPlane(directory / K8S_DIR).pids().items():
-        found[name] = [pid] if s3.is_alive(pid) else []
+        found[name] = [pid] if processes.is_alive(pid) else []
     return found
 
 
 def _core_running(directory: Path) -> dict[str, bool]:
     return {
         "control plane": ControlPlane(directory / K8S_DIR).is_running(),
-        "S3": s3.is_running(_pid_file(directory, S3)),
-        "Ray": s3.is_running(_pid_file(directory, RAY)),
+        "S3": processes.is_running(_pid_file(directory, S3)),
+        "Ray": processes.is_running(_pid_file(directory, RAY)),
     }
 
 
@@ -377,7 +377,7 @@ def _start_ray_head(directory: Path, s3_env: Mapping[str, str], num_cpus: int) -
         argv = [str(ray_exe), "start", "--head", f"--node-ip-address={LOOPBACK}", f"--dashboard-host={LOOPBACK}",
                 f"--num-cpus={num_cpus}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
                 *(f"--{k}={v}" for k, v in ports.items())]  # fmt: skip
-        proc = s3.start_detached(argv, pid_file=pid_file, log_file=log_file, env=env,
+        proc = processes.start_detached(argv, pid_file=pid_file, log_file=log_file, env=env,
                                  extra={"ports": ports, "temp_dir": str(temp_dir)})  # fmt: skip
         try:
             rc = proc.wait(timeout=RAY_START_TIMEOUT_S)
@@ -386,7 +386,7 @@ def _start_ray_head(directory: Path, s3_env: Mapping[str, str], num_cpus: int) -
         if rc == 0:
             break
         last_error = f"`ray start` {'timed out' if rc is None else f'exited {rc}'}"
-        s3.stop_detached(pid_file, timeout_s=RAY_STOP_TIMEOUT_S)
+        processes.stop_detached(pid_file, timeout_s=RAY_STOP_TIMEOUT_S)
     else:
         raise StackError(f"{last_error}.\n--- {log_file} ---\n{_tail(log_file)}")
     dashboard = f"http://{LOOPBACK}:{ports['dashboard-port']}"
@@ -397,7 +397,7 @@ def _start_ray_head(directory: Path, s3_env: Mapping[str, str], num_cpus: int) -
         if time.monotonic() > deadline:
             raise StackError(f"the Ray Jobs API at {dashboard} did not answer within {RAY_READY_TIMEOUT_S:.0f}s; "
                              f"see {log_file} and {temp_dir}/session_latest/logs")  # fmt: skip
-        if not s3.is_running(pid_file):
+        if not processes.is_running(pid_file):
             raise StackError(f"the Ray head exited; see {log_file} and {temp_dir}/session_latest/logs")
         time.sleep(POLL_INTERVAL_S)
     return {"ports": ports, "address": f"{LOOPBACK}:{ports['port']}", "dashboard": dashboard, "temp_dir": temp_dir}
@@ -457,7 +457,7 @@ def operator_env(info: StackInfo) -> dict[str, str]:
 
 
 def operator_running(directory: Path) -> bool:
-    return s3.is_running(_pid_file(Path(directory).resolve(), OPERATOR))
+    return processes.is_running(_pid_file(Path(directory).resolve(), OPERATOR))
 
 
 def start_operator(
@@ -471,7 +471,7 @@ def start_operator(
     directory = Path(directory).resolve()
     info = load(directory)
     pid_file, log_file = _pid_file(directory, OPERATOR), _log_file(directory, OPERATOR)
-    if s3.is_running(pid_file) and info.operator_health and _http_ok(info.operator_health):
+    if processes.is_running(pid_file) and info.operator_health and _http_ok(info.operator_health):
         _say(verbose, f"operator already running: {info.operator_health}")
         return info
     missing = [name for name, alive in _core_running(directory).items() if not alive]
@@ -479,7 +479,7 @@ def start_operator(
         raise StackError(
             f"the dev stack in {directory} is not running ({', '.join(missing)} down); run `rasterkube dev up`"
         )
-    s3.stop_detached(pid_file, timeout_s=OPERATOR_STOP_TIMEOUT_S)  # a hung one, or a stale pid file
+    processes.stop_detached(pid_file, timeout_s=OPERATOR_STOP_TIMEOUT_S)  # a hung one, or a stale pid file
     previous = _read_state(directory) or {}
     old_ports = previous.get("operator_ports")
     old = old_ports if isinstance(old_ports, dict) else {}
@@ -489,18 +489,18 @@ def start_operator(
     if not (health_port and health_port != metrics_port and _port_free(health_port)):
         health_port = _free_port()
     started = time.monotonic()
-    proc = s3.start_detached(operator_command(info, metrics_port, health_port), pid_file=pid_file,
+    proc = processes.start_detached(operator_command(info, metrics_port, health_port), pid_file=pid_file,
                              log_file=log_file, env=operator_env(info), cwd=directory,
                              extra={"metrics_port": metrics_port, "health_port": health_port})  # fmt: skip
     health = f"http://{LOOPBACK}:{health_port}/healthz"
     deadline = time.monotonic() + timeout_s
     while not _http_ok(health):
         if proc.poll() is not None:
-            s3.stop_detached(pid_file)
+            processes.stop_detached(pid_file)
             raise StackError(f"the operator exited with code {proc.returncode} during startup.\n"
                              f"--- {log_file} ---\n{_tail(log_file)}")  # fmt: skip
         if time.monotonic() > deadline:
-            s3.stop_detached(pid_file)
+            processes.stop_detached(pid_file)
             raise StackError(f"the operator's {health} did not answer within {timeout_s:.0f}s.\n"
                              f"--- {log_file} ---\n{_tail(log_file)}")  # fmt: skip
         time.sleep(POLL_INTERVAL_S)
@@ -519,7 +519,7 @@ def stop_operator(
 ) -> bool:
     """Stop only the operator (SIGTERM: graceful; SIGKILL: a crash). True if one was running."""
     directory = Path(directory).resolve()
-    stopped = s3.stop_detached(_pid_file(directory, OPERATOR), sig=sig, timeout_s=timeout_s)
+    stopped = processes.stop_detached(_pid_file(directory, OPERATOR), sig=sig, timeout_s=timeout_s)
     state = _read_state(directory)
     if state is not None:
         state.update(operator_health=None, operator_metrics=None)
@@ -540,7 +540,7 @@ def restart_operator(directory: Path, sig: signal.Signals = signal.SIGTERM) -> S
 def write_env_file(info: StackInfo) -> Path:
     lines = [
         "# rasterkube dev stack — generated by `rasterkube dev up`; source it: . " + shlex.quote(str(info.env_file)),
-        "# The AWS_* credentials are dev-only placeholders for the local moto S3 server.",
+        "# The AWS_* credentials are dev-only placeholders for the local S3 server (versitygw).",
     ]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in info.env().items()]
     bin_dir = shlex.quote(str(info.directory / BIN_DIR))
@@ -727,12 +727,16 @@ def down(directory: Path, *, verbose: bool = True) -> dict[str, bool]:
     dir (when it lives outside ``directory``) are removed.
     """
     directory = Path(directory).resolve()
+    from rasterkube_devstack import nodestack
+
+    if nodestack.is_node_stack(directory):
+        return nodestack.down(directory, verbose=verbose)
     state = _read_state(directory) or {}
-    ray_record = s3.read_record(_pid_file(directory, RAY)) or {}
+    ray_record = processes.read_record(_pid_file(directory, RAY)) or {}
     temp = state.get("ray_temp_dir") or ray_record.get("temp_dir")  # the latter if up() failed early
     # The operator first (it talks to the others), then the rest side by side: Ray's
     # gcs_server and raylet take seconds to honour SIGTERM.
-    stopped = {OPERATOR: s3.stop_detached(_pid_file(directory, OPERATOR), timeout_s=OPERATOR_STOP_TIMEOUT_S)}
+    stopped = {OPERATOR: processes.stop_detached(_pid_file(directory, OPERATOR), timeout_s=OPERATOR_STOP_TIMEOUT_S)}
     plane = ControlPlane(directory / K8S_DIR)
 
     def stop_plane() -> bool:
@@ -742,8 +746,8 @@ def down(directory: Path, *, verbose: bool = True) -> dict[str, bool]:
 
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="devstack-down") as pool:
         futures = {
-            RAY: pool.submit(s3.stop_detached, _pid_file(directory, RAY), timeout_s=RAY_STOP_TIMEOUT_S),
-            S3: pool.submit(s3.stop_detached, _pid_file(directory, S3)),
+            RAY: pool.submit(processes.stop_detached, _pid_file(directory, RAY), timeout_s=RAY_STOP_TIMEOUT_S),
+            S3: pool.submit(processes.stop_detached, _pid_file(directory, S3)),
             "control-plane": pool.submit(stop_plane),
         }
         stopped.update({name: future.result() for name, future in futures.items()})

@@ -252,7 +252,10 @@ def _observe(
         deps.slots.hold(request.run_id)
         progress = state.progress or {"percent": 0, "message": state.message or state.state.value.lower()}
         reason = Reason.JOB_RUNNING if state.state == JobState.RUNNING else Reason.JOB_SUBMITTED
-        return Observation(Phase.RUNNING, reason, progress.get("message", ""), progress=progress, job=job)
+        if state.reason:  # the backend knows better why it waits (e.g. pods Unschedulable)
+            reason = Reason(state.reason)
+        message = state.message if state.reason else progress.get("message", "")
+        return Observation(Phase.RUNNING, reason, message, progress=progress, job=job)
     deps.slots.release(request.run_id)
     duration = _seconds_since(status.get("startTime"), deps.clock())
     if state.state == JobState.SUCCEEDED:
@@ -270,7 +273,8 @@ def _observe(
         return Observation(Phase.FAILED, Reason.JOB_STOPPED, state.message or "job was stopped", job=job,
                            completion_time=now)  # fmt: skip
     error = (state.result or {}).get("error") or state.message or "job failed"
-    return Observation(Phase.FAILED, Reason.JOB_FAILED, error, job=job, completion_time=now)
+    reason = Reason(state.reason) if state.reason else Reason.JOB_FAILED
+    return Observation(Phase.FAILED, reason, error, job=job, completion_time=now)
 
 
 def _summary(request: JobRequest) -> dict[str, Any]:

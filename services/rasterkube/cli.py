@@ -131,19 +131,48 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from rasterkube_devstack import stack
+    from rasterkube_devstack import nodestack, stack
 
     directory = Path(args.dir)
     try:
         if args.action == "down":
             stack.down(directory)
             return EXIT_OK
-        info = stack.up(directory, with_operator=not args.no_operator, seed_samples=not args.no_samples)
-    except RuntimeError as exc:  # StackError, S3ServerError, ControlPlaneError, BinaryBuildError
+        if args.action == "dashboard":
+            return _dev_dashboard(directory, args)
+        if args.action == "image":
+            nodestack.refresh_image(directory)
+            return EXIT_OK
+        if args.api_only:
+            info = stack.up(directory, with_operator=not args.no_operator, seed_samples=not args.no_samples)
+            print(stack.usage(info))
+        else:
+            node_info = nodestack.up(directory, seed_samples=not args.no_samples)
+            print(nodestack.usage(node_info))
+    except RuntimeError as exc:  # StackError, NodeError, S3ServerError, ControlPlaneError, BinaryBuildError
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(stack.usage(info))
     return EXIT_OK
+
+
+def _dev_dashboard(directory: Path, args: argparse.Namespace) -> int:
+    """Forward a loopback port to the Ray dashboard of a resource's job (kubectl port-forward)."""
+    import subprocess
+
+    from rasterkube_devstack import binaries, node, nodestack
+
+    kind, _, name = args.resource.partition("/")
+    if not name:
+        raise UserError(f"{args.resource!r}: give the resource as KIND/NAME, e.g. changescore/landsat-change")
+    the_node = node.Node(directory)
+    namespace, service = nodestack.dashboard_target(the_node, kind, name, args.namespace)
+    print(f"Ray dashboard of {kind}/{name}: http://127.0.0.1:{args.port}  (Ctrl-C to stop)", flush=True)
+    cmd = [str(binaries.ensure_kubectl()), f"--kubeconfig={the_node.kubeconfig}", "-n", namespace, "port-forward",
+           "--address=127.0.0.1", f"svc/{service}", f"{args.port}:8265"]  # fmt: skip
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,13 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--size", default="1200x800", help="screenshot size WIDTHxHEIGHT (default: %(default)s)")
     view.set_defaults(fn=cmd_view)
 
-    dev = sub.add_parser("dev", help="the local dev stack: kube-apiserver + etcd, S3, Ray head, CRDs, operator")
+    dev = sub.add_parser("dev", help="the local dev stack: a real Kubernetes node, KubeRay, S3 (no Docker)")
     dev_sub = dev.add_subparsers(dest="action", required=True)
     dev_up = dev_sub.add_parser("up", help="start the dev stack (and write DIR/env.sh)")
-    dev_up.add_argument("--no-operator", action="store_true", help="do not start the operator")
+    dev_up.add_argument("--api-only", action="store_true",
+                        help="no node: kube-apiserver + etcd, a local Ray head and the operator as a process")  # fmt: skip
+    dev_up.add_argument("--no-operator", action="store_true", help="with --api-only: do not start the operator")
     dev_up.add_argument("--no-samples", action="store_true", help="do not seed the sample store into S3")
     dev_down = dev_sub.add_parser("down", help="stop the dev stack")
-    for dev_parser in (dev_up, dev_down):
+    dev_image = dev_sub.add_parser("image", help="rebuild the image from this checkout, import it, update values.yaml")
+    dev_dash = dev_sub.add_parser("dashboard", help="forward the Ray dashboard of a resource's job to loopback")
+    dev_dash.add_argument("resource", help="KIND/NAME, e.g. changescore/landsat-change")
+    dev_dash.add_argument("-n", "--namespace", default="default")
+    dev_dash.add_argument("--port", type=int, default=8265, help="local port (default: %(default)s)")
+    for dev_parser in (dev_up, dev_down, dev_dash, dev_image):
         dev_parser.add_argument("--dir", default=".rasterkube-dev", help="state, logs, env.sh (default: %(default)s)")
     dev.set_defaults(fn=cmd_dev)
     return parser

@@ -56,6 +56,10 @@ class Reason(StrEnum):
     JOB_SUCCEEDED = "JobSucceeded"
     JOB_FAILED = "JobFailed"
     JOB_STOPPED = "JobStopped"
+    #: The job's pods cannot be placed on any node (e.g. GPUs asked for that no node has).
+    UNSCHEDULABLE = "Unschedulable"
+    #: The job ran longer than the backend's deadline (KubeRay activeDeadlineSeconds).
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
     INVALID_SPEC = "InvalidSpec"
     SOURCE_FAILED = "SourceFailed"
     SUCCEEDED = "Succeeded"

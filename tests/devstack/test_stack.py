@@ -1,4 +1,4 @@
-"""`rasterkube dev up|down` end to end: real kube-apiserver + etcd, moto S3, a Ray head, the CRDs.
+"""`rasterkube dev up --api-only|down` end to end: real kube-apiserver + etcd, a real S3 server, a Ray head, the CRDs.
 
 One stack for the module, started *without* the operator so the first checks do not depend
 on it; the operator test then runs ``up()`` again with the operator (the "already running"
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rasterkube_devstack import s3, stack
+from rasterkube_devstack import processes, s3, stack
 from rasterkube_devstack.controlplane import ControlPlane
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -146,7 +146,7 @@ def test_up_with_the_operator_serves_healthz_and_survives_a_kill(dev: stack.Stac
     assert "--listen-host" in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
     assert stack.stop_operator(dev.directory, signal.SIGKILL)
-    assert not s3.is_alive(pid) and http_status(info.operator_health) is None
+    assert not processes.is_alive(pid) and http_status(info.operator_health) is None
     restarted = stack.start_operator(dev.directory)
     # The ports are reused when still free; a killed listener's port may not be yet, so the
     # contract is that stack.json and env point at wherever the new operator listens.
@@ -164,14 +164,14 @@ def test_down_stops_every_process_and_closes_every_port(dev: stack.StackInfo) ->
         plane["apiserver_secure_port"], plane["etcd_client_port"], plane["etcd_peer_port"],
         *state.get("operator_ports", {}).values(),
     ]  # fmt: skip
-    assert len(pids) > 10 and all(s3.is_alive(p) for p in pids)
+    assert len(pids) > 10 and all(processes.is_alive(p) for p in pids)
     assert stack.port_open(int(state["ray_ports"]["port"]))
 
     started = time.monotonic()
     stopped = stack.down(dev.directory, verbose=False)
     assert all(was for name, was in stopped.items() if name != stack.OPERATOR), stopped
     assert time.monotonic() - started < 30
-    assert [p for p in pids if s3.is_alive(p)] == []
+    assert [p for p in pids if processes.is_alive(p)] == []
     assert [p for p in ports if stack.port_open(int(p))] == []
     assert not list((dev.directory / "pids").glob("*.pid"))
     assert not list((dev.directory / stack.K8S_DIR / "pids").glob("*.pid"))

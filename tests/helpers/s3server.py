@@ -1,8 +1,8 @@
-"""A real S3-compatible server process (moto in server mode) on a free loopback port.
+"""A real S3 server process (versitygw, posix backend) on a free loopback port.
 
 The command line, readiness probe and bucket creation are the dev stack's
 (:mod:`rasterkube_devstack.s3`); here the server is a plain child process that the
-test session stops itself.
+test session stops itself (and that dies with it if the session is killed).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from rasterkube_devstack import binaries
 from rasterkube_devstack import s3 as devstack_s3
 
 ACCESS_KEY = "rasterkube-test"
@@ -40,12 +41,16 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 
 @contextmanager
-def s3_server(log_path: str) -> Iterator[str]:
+def s3_server(log_path: str, data_dir: Path | None = None) -> Iterator[str]:
+    """versitygw storing objects under ``data_dir`` (default: beside the log)."""
+    data = data_dir or Path(log_path).with_name("s3-data")
+    data.mkdir(parents=True, exist_ok=True)
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
+    argv = devstack_s3.versitygw_command(binaries.ensure_versitygw(), f"127.0.0.1:{port}", data)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(devstack_s3.moto_command(port), stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent)  # fmt: skip
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                env=devstack_s3.versitygw_env(ACCESS_KEY, SECRET_KEY))  # fmt: skip
     try:
         devstack_s3.wait_ready(endpoint, proc, Path(log_path), timeout_s=30)
         yield endpoint

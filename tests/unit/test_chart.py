@@ -65,10 +65,14 @@ NAMESPACED_RULES = (
     | {(GROUP, f"{k}/finalizers", "update") for k in KINDS}
     | {("", "events", "create"), ("", "events", "patch")}
 )
-KUBERAY_RULES = {("ray.io", "rayjobs", v) for v in ("create", "get", "list", "watch", "delete", "patch")} | {
-    ("ray.io", "rayclusters", v) for v in ("get", "list", "watch")
-}
+KUBERAY_RULES = (
+    {("ray.io", "rayjobs", v) for v in ("create", "get", "list", "watch", "delete", "patch")}
+    | {("ray.io", "rayclusters", v) for v in ("get", "list", "watch")}
+    | {("", "pods", v) for v in ("get", "list")}  # diagnosing Ray pods that cannot be scheduled
+)
 CRD_RULES = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("get", "list", "watch")}
+#: kuberay: the nodes' allocatable resources (an unschedulable Ray pod that no node could ever take)
+NODE_RULES = {("", "nodes", v) for v in ("get", "list")}
 NAMESPACE_RULES = {("", "namespaces", "list"), ("", "namespaces", "watch")}
 CREDENTIAL_ENV = re.compile(r"^(AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|.*PASSWORD|.*_TOKEN)$")
 
@@ -291,7 +295,7 @@ def test_rbac_has_no_wildcards(config: str) -> None:
                 assert rule[field] and not [x for x in rule[field] if "*" in x], rule
 
 
-@pytest.mark.parametrize(("config", "ray_rules"), [("default", set()), ("kuberay", KUBERAY_RULES)])
+@pytest.mark.parametrize(("config", "ray_rules"), [("default", set()), ("kuberay", KUBERAY_RULES | NODE_RULES)])
 def test_all_namespaces_use_one_cluster_role(config: str, ray_rules: set[tuple[str, str, str]]) -> None:
     docs = render(config)
     assert not of_kind(docs, "Role") and not of_kind(docs, "RoleBinding")
@@ -313,7 +317,8 @@ def test_watch_namespaces_use_roles(config: str, ray_rules: set[tuple[str, str, 
         ref = bindings[namespace]["roleRef"]
         assert (ref["kind"], ref["name"]) == ("Role", role["metadata"]["name"])
     (cluster_role,) = of_kind(docs, "ClusterRole")
-    assert granted(cluster_role["rules"]) == CRD_RULES, "only CRD discovery is cluster-wide"
+    cluster_wide = CRD_RULES | (NODE_RULES if ray_rules else set())
+    assert granted(cluster_role["rules"]) == cluster_wide, "only CRD discovery (and, kuberay, nodes) is cluster-wide"
     (binding,) = of_kind(docs, "ClusterRoleBinding")
     assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
 
@@ -398,10 +403,23 @@ def test_readme_documents_every_value_and_env_var() -> None:
     assert undocumented == [], f"operator env vars missing from the chart README: {undocumented}"
 
 
+def test_dockerfile_is_the_image_recipe() -> None:
+    """The registry Dockerfile and the dev node's image come from one recipe (no drift)."""
+    from rasterkube_devstack import rasterkube_image
+
+    committed = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    assert committed == rasterkube_image.render_dockerfile(), "run `make dockerfile` (or edit the recipe, not the file)"
+    recipe = rasterkube_image.RECIPE
+    assert f"FROM debian:{recipe.debian_suite}-slim" in committed
+    for package in recipe.apt_packages:
+        assert package in committed
+    for step in recipe.os_steps():
+        assert step in committed
+
+
 def test_dockerfile_matches_the_chart() -> None:
     dockerfile = (REPO / "Dockerfile").read_text(encoding="utf-8")
-    assert re.search(r"^FROM python:3\.11-slim\b", dockerfile, re.MULTILINE)
-    assert "pip install -c requirements/constraints.txt ." in dockerfile
+    assert "pip install --no-cache-dir -c requirements/constraints.txt '.[pmtiles]'" in dockerfile
     assert re.search(rf"^USER {UID}(:{UID})?$", dockerfile, re.MULTILINE), "numeric non-root USER"
     assert 'ENTRYPOINT ["rasterkube"]' in dockerfile and 'CMD ["operator"]' in dockerfile
     assert not re.search(r"^(ENV|ARG)\b.*(SECRET|PASSWORD|TOKEN|ACCESS_KEY)", dockerfile, re.MULTILINE | re.I)

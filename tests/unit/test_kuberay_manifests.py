@@ -523,3 +523,67 @@ def test_from_env_errors_name_the_variable(env: dict[str, str], words: list[str]
         KubeRaySettings.from_env(env)
     for word in words:
         assert word in str(err.value)
+
+
+# ----------------------------------------------------------------------------- unschedulable Ray pods
+
+UNSCHEDULABLE_SINCE = "2026-01-01T00:00:00Z"
+
+
+def _pending_pod(name: str, message: str, limits: dict[str, Any], requests: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "spec": {"containers": [{"name": "ray-worker", "resources": {"limits": limits, "requests": requests}}]},
+        "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason":
+                   "Unschedulable", "message": message, "lastTransitionTime": UNSCHEDULABLE_SINCE}]},
+    }  # fmt: skip
+
+
+def _node(cpu: str, memory: str, gpus: str | None = None) -> dict[str, Any]:
+    allocatable = {"cpu": cpu, "memory": memory, **({"nvidia.com/gpu": gpus} if gpus else {})}
+    return {"status": {"allocatable": allocatable}}
+
+
+def test_gpus_no_node_has_fail_after_the_bound_naming_the_request() -> None:
+    from rasterkube_operator.backends.kuberay_manifests import unschedulable_pods, unschedulable_status
+
+    message = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+    pods = [_pending_pod("w", message, {"nvidia.com/gpu": 1, "memory": "4Gi"}, {"cpu": "1", "memory": "4Gi"}),
+            {"metadata": {"name": "head"}, "status": {"phase": "Running"}}]  # fmt: skip
+    problems = unschedulable_pods(pods)
+    assert [p.pod for p in problems] == ["w"] and problems[0].gpus == 1
+    settings = KubeRaySettings(unschedulable_timeout_s=60)
+    since = datetime(2026, 1, 1, tzinfo=UTC)
+    nodes = [_node("2", "24Gi")]
+    early = unschedulable_status(problems, since + timedelta(seconds=30), settings, nodes=nodes)
+    assert early.state == JobState.PENDING and early.reason == "Unschedulable"
+    assert "nvidia.com/gpu" in early.message and "spec.resources.gpus" in early.message
+    late = unschedulable_status(problems, since + timedelta(seconds=61), settings, nodes=nodes)
+    assert late.state == JobState.FAILED and late.reason == "Unschedulable" and "gave up after 61s" in late.message
+
+
+def test_a_pod_waiting_for_capacity_that_exists_keeps_waiting() -> None:
+    from rasterkube_operator.backends.kuberay_manifests import unschedulable_pods, unschedulable_status
+
+    pods = [_pending_pod("w", "0/1 nodes are available: 1 Insufficient cpu.", {"memory": "4Gi"},
+                         {"cpu": "1", "memory": "4Gi"})]  # fmt: skip
+    since = datetime(2026, 1, 1, tzinfo=UTC)
+    status = unschedulable_status(unschedulable_pods(pods), since + timedelta(hours=1),
+                                  KubeRaySettings(unschedulable_timeout_s=60), nodes=[_node("2", "24Gi")])  # fmt: skip
+    assert status.state == JobState.PENDING and "waiting 3600s for capacity" in status.message
+    # the same pod where no node could ever fit it: gives up
+    too_big = unschedulable_status(unschedulable_pods(pods), since + timedelta(hours=1),
+                                   KubeRaySettings(unschedulable_timeout_s=60), nodes=[_node("500m", "24Gi")])  # fmt: skip
+    assert too_big.state == JobState.FAILED and "cpu (asks 1, the largest node has 0.5)" in too_big.message
+    # nodes unknown (no RBAC to list them): never gives up on its own
+    unknown = unschedulable_status(unschedulable_pods(pods), since + timedelta(hours=1),
+                                   KubeRaySettings(unschedulable_timeout_s=60), nodes=None)  # fmt: skip
+    assert unknown.state == JobState.PENDING
+
+
+def test_deadline_exceeded_is_its_own_reason() -> None:
+    rayjob = {"metadata": {"name": "j"}, "spec": {"activeDeadlineSeconds": 30},
+              "status": {"jobDeploymentStatus": "Failed", "jobStatus": "STOPPED", "reason": "DeadlineExceeded"}}  # fmt: skip
+    status = map_rayjob_status(rayjob, datetime.now(UTC), KubeRaySettings())
+    assert status.state == JobState.FAILED and status.reason == "DeadlineExceeded"
+    assert "activeDeadlineSeconds (30s)" in status.message and "STOPPED" in status.message

@@ -105,12 +105,23 @@ RBAC rules for the namespaced resources the operator touches. Shared by the Clus
 - apiGroups: ["ray.io"]
   resources: ["rayclusters"]
   verbs: ["get", "list", "watch"]
+# Ray pods that cannot start (unschedulable, e.g. GPUs no node has) are reported on the resource.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list"]
 {{- end }}
 {{- end }}
 
-{{/* kopf discovers the served resources by watching CRDs (cluster-scoped). */}}
+{{/* kopf discovers the served resources by watching CRDs (cluster-scoped); the kuberay backend
+reads the nodes' allocatable resources to tell a Ray pod that waits for capacity from one that no
+node could ever take (e.g. GPUs where there are none). */}}
 {{- define "rasterkube.crdRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["get", "list", "watch"]
+{{- if eq .Values.backend "kuberay" }}
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["get", "list"]
+{{- end }}
 {{- end }}

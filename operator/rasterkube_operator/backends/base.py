@@ -61,6 +61,9 @@ class JobStatus:
     progress: dict[str, Any] | None = None  # {"percent": int, "message": str}
     result: dict[str, Any] | None = None  # the job's RASTERKUBE_RESULT payload
     dashboard_url: str | None = None
+    #: A constant reason (rasterkube.constants.Reason value) when the backend knows why a job
+    #: waits or failed better than "running"/"failed" (Unschedulable, DeadlineExceeded).
+    reason: str | None = None
 
 
 class Backend(Protocol):

@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 from rasterkube.api.common import Resources
+from rasterkube.constants import Reason
 
 from rasterkube_operator.backends.base import JobSpec, JobState, JobStatus
 
@@ -62,6 +63,8 @@ SUBMISSION_MODE = "K8sJobMode"
 WORKER_GROUP = "workers"
 HEAD_CONTAINER = "ray-head"
 WORKER_CONTAINER = "ray-worker"
+#: KubeRay's name for the container of the submitter Job (utils.SubmitterContainerName).
+SUBMITTER_CONTAINER = "ray-job-submitter"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -78,6 +81,8 @@ DEFAULT_RAY_VERSION = "2.60.0"
 DEFAULT_TTL_SECONDS_AFTER_FINISHED = 300
 DEFAULT_ACTIVE_DEADLINE_SECONDS = 86400
 DEFAULT_INITIALIZING_TIMEOUT_S = 600
+#: How long a Ray pod may stay unschedulable (e.g. GPUs no node has) before the job fails.
+DEFAULT_UNSCHEDULABLE_TIMEOUT_S = 300
 #: UID of the ``rasterkube`` user in the image (the chart runs the operator as it too).
 DEFAULT_RUN_AS_USER = 10001
 DEFAULT_S3_ACCESS_KEY_ID_KEY = "AWS_ACCESS_KEY_ID"
@@ -87,6 +92,12 @@ DEFAULT_S3_SECRET_ACCESS_KEY_KEY = "AWS_SECRET_ACCESS_KEY"
 def _default_head_resources() -> dict[str, Any]:
     # Same defaults as the chart's kuberay.headGroup.resources: the head runs the job driver.
     return {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}
+
+
+def _default_submitter_resources() -> dict[str, Any]:
+    # The submitter pod only runs `ray job submit` and follows the logs: KubeRay's own default
+    # asks for half a CPU, which a small node pool (or the 2-CPU dev node) misses for Ray.
+    return {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
 
 
 # --------------------------------------------------------------------------
@@ -103,8 +114,13 @@ ENV_GPU_TOLERATIONS = "RASTERKUBE_GPU_TOLERATIONS"
 ENV_TTL = "RASTERKUBE_KUBERAY_TTL_SECONDS"
 ENV_ACTIVE_DEADLINE = "RASTERKUBE_KUBERAY_ACTIVE_DEADLINE_SECONDS"
 ENV_INITIALIZING_TIMEOUT = "RASTERKUBE_KUBERAY_INITIALIZING_TIMEOUT_SECONDS"
+ENV_UNSCHEDULABLE_TIMEOUT = "RASTERKUBE_KUBERAY_UNSCHEDULABLE_TIMEOUT_SECONDS"
+#: Set in every pod by Kubernetes: the operator runs inside the cluster, where the Ray
+#: dashboards (cluster-internal service names) are reachable.
+ENV_IN_CLUSTER = "KUBERNETES_SERVICE_HOST"
 ENV_SERVICE_ACCOUNT = "RASTERKUBE_KUBERAY_SERVICE_ACCOUNT"
 ENV_HEAD_RESOURCES = "RASTERKUBE_KUBERAY_HEAD_RESOURCES"
+ENV_SUBMITTER_RESOURCES = "RASTERKUBE_KUBERAY_SUBMITTER_RESOURCES"
 ENV_IMAGE_PULL_SECRETS = "RASTERKUBE_KUBERAY_IMAGE_PULL_SECRETS"
 ENV_S3_SECRET = "RASTERKUBE_S3_CREDENTIALS_SECRET"
 ENV_S3_ACCESS_KEY_ID_KEY = "RASTERKUBE_S3_ACCESS_KEY_ID_KEY"
@@ -133,8 +149,14 @@ class KubeRaySettings:
     active_deadline_seconds: int = DEFAULT_ACTIVE_DEADLINE_SECONDS
     #: A RayJob stuck in ``Initializing`` this long is reported FAILED.
     initializing_timeout_s: int = DEFAULT_INITIALIZING_TIMEOUT_S
+    #: A Ray pod the scheduler cannot place this long fails the job (reason Unschedulable).
+    unschedulable_timeout_s: int = DEFAULT_UNSCHEDULABLE_TIMEOUT_S
+    #: Read progress and results from the Ray dashboard of the job's cluster (only reachable
+    #: from inside the cluster; default: when running in a pod).
+    read_dashboard: bool = False
     service_account: str | None = None
     head_resources: dict[str, Any] = field(default_factory=_default_head_resources)
+    submitter_resources: dict[str, Any] = field(default_factory=_default_submitter_resources)
     image_pull_secrets: list[str] = field(default_factory=list)
     s3_credentials_secret: str | None = None
     s3_access_key_id_key: str = DEFAULT_S3_ACCESS_KEY_ID_KEY
@@ -147,7 +169,7 @@ class KubeRaySettings:
                 f"cluster_selector {self.cluster_selector!r} must contain {CLUSTER_SELECTOR_NAME_KEY!r} "
                 "with the name of the RayCluster to run on (KubeRay finds the cluster by that key)"
             )
-        for name in ("active_deadline_seconds", "initializing_timeout_s"):
+        for name in ("active_deadline_seconds", "initializing_timeout_s", "unschedulable_timeout_s"):
             if getattr(self, name) <= 0:
                 raise KubeRaySettingsError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.ttl_seconds_after_finished < 0:
@@ -188,18 +210,20 @@ class KubeRaySettings:
             (ENV_TTL, "ttl_seconds_after_finished", 0),
             (ENV_ACTIVE_DEADLINE, "active_deadline_seconds", 1),
             (ENV_INITIALIZING_TIMEOUT, "initializing_timeout_s", 1),
+            (ENV_UNSCHEDULABLE_TIMEOUT, "unschedulable_timeout_s", 1),
         ):
             if (number := _int(env, var, minimum)) is not None:
                 kwargs[name] = number
         if account := env.get(ENV_SERVICE_ACCOUNT, "").strip():
             kwargs["service_account"] = account
-        if (head := _json_value(env, ENV_HEAD_RESOURCES)) is not None:
-            if not isinstance(head, dict) or set(head) - {"requests", "limits", "claims"}:
-                raise KubeRaySettingsError(
-                    f"{ENV_HEAD_RESOURCES} must be a JSON object with 'requests'/'limits' (a Kubernetes "
-                    f"ResourceRequirements), got {head!r}"
-                )
-            kwargs["head_resources"] = head
+        for var, name in ((ENV_HEAD_RESOURCES, "head_resources"), (ENV_SUBMITTER_RESOURCES, "submitter_resources")):
+            if (value := _json_value(env, var)) is not None:
+                if not isinstance(value, dict) or set(value) - {"requests", "limits", "claims"}:
+                    raise KubeRaySettingsError(
+                        f"{var} must be a JSON object with 'requests'/'limits' (a Kubernetes "
+                        f"ResourceRequirements), got {value!r}"
+                    )
+                kwargs[name] = value
         if (secrets := _json_value(env, ENV_IMAGE_PULL_SECRETS)) is not None:
             kwargs["image_pull_secrets"] = _pull_secret_names(secrets)
         if secret := env.get(ENV_S3_SECRET, "").strip():
@@ -210,6 +234,7 @@ class KubeRaySettings:
             kwargs["s3_secret_access_key_key"] = (
                 env.get(ENV_S3_SECRET_ACCESS_KEY_KEY, "").strip() or DEFAULT_S3_SECRET_ACCESS_KEY_KEY
             )
+        kwargs["read_dashboard"] = bool(env.get(ENV_IN_CLUSTER))
         return cls(**kwargs)
 
 
@@ -464,6 +489,25 @@ def build_ray_cluster_spec(spec: JobSpec, settings: KubeRaySettings) -> dict[str
     }
 
 
+def build_submitter_template(spec: JobSpec, settings: KubeRaySettings) -> dict[str, Any]:
+    """The pod of KubeRay's submitter Job: our image (it has the ``ray`` CLI), small requests.
+
+    KubeRay fills in the ``ray job submit`` command; an explicit template must name the image.
+    """
+    container = {
+        "name": SUBMITTER_CONTAINER,
+        "image": settings.image,
+        "resources": copy.deepcopy(settings.submitter_resources),
+        "securityContext": _security_context(settings),
+    }
+    pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    if settings.service_account:
+        pod["serviceAccountName"] = settings.service_account
+    if settings.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": name} for name in settings.image_pull_secrets]
+    return {"metadata": {"labels": rayjob_labels(spec)}, "spec": pod}
+
+
 def build_rayjob(spec: JobSpec, settings: KubeRaySettings) -> dict[str, Any]:
     """The ray.io/v1 RayJob that runs ``spec`` (see the module docstring for the two modes)."""
     owner = spec.owner
@@ -486,6 +530,7 @@ def build_rayjob(spec: JobSpec, settings: KubeRaySettings) -> dict[str, Any]:
         rayjob_spec["shutdownAfterJobFinishes"] = True
         rayjob_spec["ttlSecondsAfterFinished"] = settings.ttl_seconds_after_finished
         rayjob_spec["rayClusterSpec"] = build_ray_cluster_spec(spec, settings)
+    rayjob_spec["submitterPodTemplate"] = build_submitter_template(spec, settings)
     return {
         "apiVersion": RAYJOB_API_VERSION,
         "kind": RAYJOB_KIND,
@@ -531,6 +576,7 @@ DEPLOY_SUSPENDED = "Suspended"
 DEPLOY_RETRYING = "Retrying"
 DEPLOY_WAITING = "Waiting"
 
+KUBERAY_DEADLINE_EXCEEDED = "DeadlineExceeded"
 #: Extra words for KubeRay's .status.reason values (JobFailedReason).
 _REASON_HINTS = {
     "DeadlineExceeded": "the RayJob ran longer than its activeDeadlineSeconds",
@@ -621,8 +667,8 @@ def map_rayjob_status(rayjob: Mapping[str, Any], now: datetime, settings: KubeRa
     url = _dashboard_url(status)
     now = now if now.tzinfo else now.replace(tzinfo=UTC)
 
-    def result(state: JobState, message: str) -> JobStatus:
-        return JobStatus(state=state, message=message, dashboard_url=url)
+    def result(state: JobState, message: str, reason: str | None = None) -> JobStatus:
+        return JobStatus(state=state, message=message, dashboard_url=url, reason=reason)
 
     created = _parse_time(metadata.get("creationTimestamp"))
     if deployment == DEPLOY_NEW and job == "":
@@ -639,6 +685,16 @@ def map_rayjob_status(rayjob: Mapping[str, Any], now: datetime, settings: KubeRa
     if deployment == DEPLOY_VALIDATION_FAILED:
         return result(
             JobState.FAILED, _with("KubeRay rejected the RayJob (ValidationFailed)", str(status.get("message") or ""))
+        )
+    if str(status.get("reason") or "") == KUBERAY_DEADLINE_EXCEEDED and job != RAY_SUCCEEDED:
+        # KubeRay stops the Ray job at the deadline; whatever Ray says then, the cause is the deadline.
+        limit = spec.get("activeDeadlineSeconds")
+        bound = f"activeDeadlineSeconds ({limit}s)" if limit else "activeDeadlineSeconds"
+        state_word = f"the Ray job was {job}" if job else "the Ray job had not started"
+        return result(
+            JobState.FAILED,
+            _with(f"the RayJob ran longer than its {bound} and was stopped ({state_word})", detail),
+            Reason.DEADLINE_EXCEEDED.value,
         )
     if deployment == DEPLOY_RETRYING:
         return result(
@@ -704,3 +760,115 @@ def _initializing_timeout_message(
         f"the Ray cluster did not start: RayJob stuck in Initializing for {waited:.0f}s "
         f"(limit {settings.initializing_timeout_s}s); {where}"
     )
+
+
+# --------------------------------------------------------------------------
+# Pods the scheduler cannot place
+# --------------------------------------------------------------------------
+
+#: The Ray cluster's pods carry this label (KubeRay's utils.RayClusterLabelKey).
+RAY_CLUSTER_LABEL = "ray.io/cluster"
+POD_SCHEDULED = "PodScheduled"
+UNSCHEDULABLE = "Unschedulable"
+
+
+@dataclass(frozen=True)
+class Unschedulable:
+    """A Ray pod the scheduler has not placed, since when, and what it said."""
+
+    pod: str
+    since: datetime | None
+    message: str
+    gpus: int
+    #: resource name -> requested quantity (summed over the pod's containers; limits count
+    #: for extended resources such as GPUs, which have no separate request)
+    requests: dict[str, str] = field(default_factory=dict)
+
+
+def unschedulable_pods(pods: list[Mapping[str, Any]]) -> list[Unschedulable]:
+    """The pending pods whose PodScheduled condition is False with reason Unschedulable."""
+    found = []
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") != "Pending":
+            continue
+        for condition in (pod.get("status") or {}).get("conditions") or []:
+            if condition.get("type") == POD_SCHEDULED and condition.get("status") == "False" \
+                    and condition.get("reason") == UNSCHEDULABLE:  # fmt: skip
+                containers = (pod.get("spec") or {}).get("containers") or []
+                gpus = sum(int(str((c.get("resources") or {}).get("limits", {}).get(GPU_RESOURCE, 0)) or 0)
+                           for c in containers)  # fmt: skip
+                found.append(Unschedulable(
+                    pod=str((pod.get("metadata") or {}).get("name")),
+                    since=_parse_time(condition.get("lastTransitionTime")),
+                    message=str(condition.get("message") or "").strip(),
+                    gpus=gpus,
+                    requests=_pod_requests(containers),
+                ))  # fmt: skip
+    return found
+
+
+def _pod_requests(containers: list[Mapping[str, Any]]) -> dict[str, str]:
+    total: dict[str, float] = {}
+    for container in containers:
+        resources = container.get("resources") or {}
+        wanted = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
+        for name, quantity in wanted.items():
+            total[name] = total.get(name, 0.0) + quantity_value(str(quantity))
+    return {name: f"{value:g}" for name, value in total.items()}
+
+
+def quantity_value(quantity: str) -> float:
+    """A Kubernetes quantity as a number (cores, bytes, devices): "500m" -> 0.5, "4Gi" -> 4 * 2**30."""
+    from rasterkube.api.common import quantity_bytes
+
+    if quantity.endswith("m") and quantity[:-1].replace(".", "", 1).isdigit():
+        return float(quantity[:-1]) / 1000
+    try:
+        return float(quantity)
+    except ValueError:
+        return float(quantity_bytes(quantity))
+
+
+def never_fits(problem: Unschedulable, nodes: list[Mapping[str, Any]]) -> list[str]:
+    """The requested resources of ``problem`` that no node has as much of (allocatable), even empty.
+
+    Empty: the pod waits for capacity that exists (other pods hold it); it may still come."""
+    missing = []
+    for name, wanted in problem.requests.items():
+        largest = max((quantity_value(str(((n.get("status") or {}).get("allocatable") or {}).get(name, "0")))
+                       for n in nodes), default=0.0)  # fmt: skip
+        if float(wanted) > largest:
+            missing.append(f"{name} (asks {wanted}, the largest node has {largest:g})")
+    return missing
+
+
+def unschedulable_status(problems: list[Unschedulable], now: datetime, settings: KubeRaySettings,
+                         url: str | None = None, nodes: list[Mapping[str, Any]] | None = None) -> JobStatus:  # fmt: skip
+    """PENDING (reason Unschedulable) naming what cannot be placed.
+
+    FAILED after ``settings.unschedulable_timeout_s`` only when no node could ever take the
+    pod (``nodes`` known and too small, e.g. no GPUs at all); a pod that waits for capacity
+    other pods hold keeps waiting (the initializing bound still applies)."""
+    permanent = {p.pod: never_fits(p, nodes) for p in problems} if nodes is not None else {}
+    first = min(problems, key=lambda p: (not permanent.get(p.pod), p.since or now))
+    waited = (now - first.since).total_seconds() if first.since else 0.0
+    what = f"Ray pod {first.pod} cannot be scheduled"
+    if first.gpus:
+        what += (
+            f": it asks for {first.gpus} {GPU_RESOURCE} (spec.resources.gpus)"
+            + (f" on the GPU node pool {settings.gpu_node_selector}" if settings.gpu_node_selector else "")
+        )
+    if permanent.get(first.pod):
+        what += f"; no node has enough {', '.join(permanent[first.pod])}"
+    message = f"{what} — scheduler: {first.message}" if first.message else what
+    if not permanent.get(first.pod):
+        return JobStatus(state=JobState.PENDING, message=f"{message} (waiting {waited:.0f}s for capacity)",
+                         dashboard_url=url, reason=Reason.UNSCHEDULABLE.value)  # fmt: skip
+    if waited > settings.unschedulable_timeout_s:
+        return JobStatus(
+            state=JobState.FAILED, dashboard_url=url, reason=Reason.UNSCHEDULABLE.value,
+            message=f"{message}; gave up after {waited:.0f}s (limit {settings.unschedulable_timeout_s}s). "
+            "Add nodes that fit, or lower spec.resources",
+        )  # fmt: skip
+    return JobStatus(state=JobState.PENDING, message=f"{message} (waiting {waited:.0f}s of "
+                     f"{settings.unschedulable_timeout_s}s)", dashboard_url=url, reason=Reason.UNSCHEDULABLE.value)  # fmt: skip
