@@ -84,7 +84,14 @@ class Namespace:
         return NETNS_DIR / self.name
 
     def exists(self) -> bool:
-        return self.path.exists()
+        """A live namespace: its file is a mount of the namespace. On machines whose /run is
+        not a tmpfs, a reboot (or a restored disk snapshot) leaves ``/run/netns/NAME`` behind
+        as a plain file that is no namespace at all (see :meth:`stale`)."""
+        return os.path.ismount(self.path)
+
+    def stale(self) -> bool:
+        """The namespace's file is there but nothing is mounted on it (left by a reboot)."""
+        return self.path.exists() and not self.exists()
 
     def command(self, argv: Sequence[str]) -> list[str]:
         """``argv`` run inside this namespace's network (mounts and cgroups stay the host's)."""
@@ -191,6 +198,8 @@ def create(name: str) -> Namespace:
     reason = unavailable_reason()
     if reason:
         raise NetnsError(reason)
+    if Namespace(name).stale():
+        Namespace(name).path.unlink()  # a file left by a reboot: no namespace, nothing to reuse
     _run([IP, "netns", "add", name])
     ns = Namespace(name)
     ns.up("lo")
@@ -208,6 +217,9 @@ def veth_pair(a: Namespace, a_if: str, b: Namespace, b_if: str) -> None:
 
 def delete(ns: Namespace, grace_s: float = 5.0) -> None:
     """Stop every process left inside (TERM, then KILL) and remove the namespace."""
+    if ns.stale():
+        ns.path.unlink(missing_ok=True)
+        return
     if not ns.exists():
         return
     pids = ns.pids()

@@ -55,3 +55,17 @@ def test_an_existing_name_is_not_reused_and_long_interface_names_are_refused(pre
         netns.create(f"{prefix}d")
     with pytest.raises(ValueError, match="1..15 bytes"):
         ns.add_bridge("a-bridge-name-too-long")
+
+
+def test_a_namespace_file_left_by_a_reboot_is_no_namespace_and_does_not_block_its_name(prefix: str) -> None:
+    """/run here is not a tmpfs: after a reboot (or from a restored disk) /run/netns/NAME stays
+    as a plain file with nothing mounted on it. It is not a live namespace, and the name can be
+    created again."""
+    ns = netns.create(f"{prefix}s")
+    subprocess.run(["umount", str(ns.path)], check=True)  # what a reboot leaves: the file alone
+    assert ns.path.exists() and not ns.exists() and ns.stale()
+    again = netns.create(ns.name)
+    assert again.exists() and not again.stale()
+    subprocess.run(["umount", str(ns.path)], check=True)
+    netns.delete(ns)
+    assert not ns.path.exists()
