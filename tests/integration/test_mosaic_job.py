@@ -211,7 +211,7 @@ def test_multi_row_aoi_writes_stores_and_an_index(tmp_path: Path, s2: localstac.
         # each store covers its own row only
         gx0, _, gx1, _ = info.grid.bbox
         assert gx0 <= geom.bounds[0] and gx1 >= geom.bounds[2] and gx1 - gx0 < geom.bounds[2] - geom.bounds[0] + 30
-    assert not [p for p in os.listdir(out) if ".tmp-" in p]
+    assert not [p for p in os.listdir(out) if ".tmp-" in p or storage.STAGE_MARKER in p]
 
 
 @ray
