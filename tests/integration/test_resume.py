@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import ray
 import yaml
 
 from helpers.stores import random_series, write_store
@@ -172,3 +173,35 @@ def test_a_changed_spec_reuses_nothing_and_removes_the_old_staging(tmp_path: Pat
     assert changed.summary["blocksReused"] == 0
     assert changed.summary["bands"] == ["difference_euclidean_distance", "loo_medoid_euclidean_distance"]
     assert not old.exists() and not [p for p in tmp_path.iterdir() if storage.STAGE_MARKER in p.name]
+
+
+def _square_and_touch(item: int, calls_dir: str) -> int:
+    Path(calls_dir, str(item)).touch()
+    return item * item
+
+
+def test_run_blocks_skips_finished_items_and_ledgers_the_others(tmp_path: Path, ray_session: None) -> None:
+    from rasterkube.runtime.executor import run_blocks
+
+    class Ledger:  # the protocol run_blocks needs; records to disk, since tasks run elsewhere
+        def __init__(self, where: Path) -> None:
+            self.where = str(where)
+
+        def record(self, item: int, result: int) -> None:
+            Path(self.where, f"{item}.{result}").touch()
+
+    calls, ledgered = tmp_path / "calls", tmp_path / "ledger"
+    calls.mkdir(), ledgered.mkdir()
+    messages: list[str] = []
+    # Ray's workers cannot import this test module: send its functions by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        results = run_blocks(_square_and_touch, list(range(6)), str(calls), ledger=Ledger(ledgered),
+                             finished={1: 100, 4: 400}, reporter=CallbackReporter(lambda _p, m: messages.append(m)),
+                             message="blocks")  # fmt: skip
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert results == [0, 100, 4, 9, 400, 25]  # recorded results of the finished ones, in item order
+    assert sorted(int(p.name) for p in calls.iterdir()) == [0, 2, 3, 5]
+    assert sorted(p.name for p in ledgered.iterdir()) == ["0.0", "2.4", "3.9", "5.25"]
+    assert messages[0] == "blocks: 2/6 (2 reused)" and messages[-1] == "blocks: 6/6 (2 reused)"
