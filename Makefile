@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_mosaic.py --json out/bench/mosaic.json
 	$(PY) bench/bench_predict.py --json out/bench/predict.json
 	$(PY) bench/bench_reads.py --json out/bench/reads.json
+	$(PY) bench/bench_resume.py --json out/bench/resume.json
 
 bench-operator: $(STAMP)
 	$(PY) bench/bench_operator.py --json out/bench/operator.json

@@ -128,7 +128,10 @@ def _parse(obj: dict[str, Any]) -> Resource[Any]:
     doc = {
         "apiVersion": obj.get("apiVersion", API_VERSION),
         "kind": obj["kind"],
-        "metadata": {"name": meta["name"], "namespace": meta.get("namespace", "default")},
+        # uid and generation travel to the job: its staging store is keyed by them
+        # (rasterkube.staging), so a retried or resubmitted job resumes, a new generation not.
+        "metadata": {"name": meta["name"], "namespace": meta.get("namespace", "default"),
+                     **{k: meta[k] for k in ("uid", "generation") if meta.get(k) is not None}},
         "spec": obj.get("spec", {}),
     }
     return RESOURCE_MODELS[Kind(obj["kind"])].model_validate(doc)

@@ -48,6 +48,8 @@ SPATIAL_REF: Final = L.SPATIAL_REF
 GRID_MAPPING_ATTRS: Final = {L.GRID_MAPPING_ATTR: SPATIAL_REF, "coordinates": SPATIAL_REF}
 #: Root metadata files: zarr v3 (``zarr.json``) or v2 (``.zgroup``, written by zarr v2 writers).
 ROOT_METADATA_FILES: Final = ("zarr.json", ".zgroup")
+#: zarr v2 consolidated metadata: rewritten last by v2 writers, so it versions the store.
+V2_CONSOLIDATED: Final = ".zmetadata"
 CONVENTIONS_ATTR: Final = "zarr_conventions"
 #: numpy kinds of the values a raster may hold: bool, signed and unsigned integers, floats.
 NUMERIC_KINDS: Final = "biuf"
@@ -177,14 +179,48 @@ def create(
     attrs: dict[str, Any] | None = None,
     fill_value: Any = None,
     extra_coords: dict[str, tuple[str, np.ndarray, dict[str, Any]]] | None = None,
+    write: bool = True,
 ) -> StoreInfo:
-    """Write the metadata and coordinates of an empty store; data chunks stay unwritten (fill)."""
+    """Write the metadata and coordinates of an empty store; data chunks stay unwritten (fill).
+
+    ``write=False`` writes nothing and only returns what ``create`` would describe: for a
+    resumed staging store, which already has this metadata and some of its chunks (writing
+    it again would delete them)."""
     dtype = np.dtype(dtype)
     if fill_value is None:
         fill_value = np.nan if dtype.kind == "f" else 0
     chunks = default_chunks(len(bands), dtype.itemsize, chunk_size)
     chunks = (1, chunks[1], min(chunks[2], grid.shape[0]), min(chunks[3], grid.shape[1]))
     group_attrs = {**grid.to_attrs(), CONVENTIONS_ATTR: conventions(), **(attrs or {})}
+    if write:
+        _write_metadata(uri, grid, times, bands, dtype, chunks, data_var, group_attrs, fill_value, extra_coords)
+    return StoreInfo(
+        uri=uri,
+        grid=grid,
+        times=np.asarray(times, dtype="datetime64[s]"),
+        bands=tuple(bands),
+        data_var=data_var,
+        dtype=dtype,
+        chunks=chunks,  # type: ignore[arg-type]
+        data_vars=(data_var,),
+        attrs=group_attrs,
+        layout=L.SourceLayout(uri, (L.ArrayRef(data_var, DIMS, "y", "x", "time", "band"),),
+                              tuple((0, i) for i in range(len(bands))), dtype, True, len(times)),  # fmt: skip
+    )
+
+
+def _write_metadata(
+    uri: str,
+    grid: GeoGrid,
+    times: Sequence[np.datetime64] | np.ndarray,
+    bands: Sequence[str],
+    dtype: np.dtype,
+    chunks: tuple[int, int, int, int],
+    data_var: str,
+    group_attrs: dict[str, Any],
+    fill_value: Any,
+    extra_coords: dict[str, tuple[str, np.ndarray, dict[str, Any]]] | None,
+) -> None:
     group = _open_group(uri, mode="w")
     group.attrs.update(group_attrs)
     shape = (len(times), len(bands), *grid.shape)
@@ -204,19 +240,6 @@ def create(
     _coord(group, "x", grid.x_coords(), {"standard_name": "projection_x_coordinate", "axis": "X"})
     for name, (dim, values, coord_attrs) in (extra_coords or {}).items():
         _coord(group, name, values, coord_attrs, dim=dim)
-    return StoreInfo(
-        uri=uri,
-        grid=grid,
-        times=np.asarray(times, dtype="datetime64[s]"),
-        bands=tuple(bands),
-        data_var=data_var,
-        dtype=dtype,
-        chunks=chunks,  # type: ignore[arg-type]
-        data_vars=(data_var,),
-        attrs=group_attrs,
-        layout=L.SourceLayout(uri, (L.ArrayRef(data_var, DIMS, "y", "x", "time", "band"),),
-                              tuple((0, i) for i in range(len(bands))), dtype, True, len(times)),  # fmt: skip
-    )
 
 
 def time_attrs(times: Sequence[np.datetime64] | np.ndarray) -> dict[str, Any]:
@@ -364,6 +387,15 @@ def is_complete(uri: str) -> bool:
     """A committed rasterkube store (``zarr.json``) or a zarr v2 store (``.zgroup``)."""
     fs, path = storage.filesystem(uri)
     return any(fs.exists(f"{path.rstrip('/')}/{name}") for name in ROOT_METADATA_FILES)
+
+
+def store_version(uri: str) -> str:
+    """A token for this commit of the store at ``uri``: the versions of its root metadata
+    objects (zarr v3 ``zarr.json``; v2 ``.zmetadata``/``.zgroup``), which every commit writes
+    again. Resumed runs key their finished blocks by it (:mod:`rasterkube.staging`)."""
+    names = (*ROOT_METADATA_FILES, V2_CONSOLIDATED)
+    versions = {n: storage.object_version(storage.join(uri, n)) for n in names}
+    return ";".join(f"{n}:{v}" for n, v in versions.items() if v is not None)
 
 
 def _open_xarray(uri: str, group: str | None) -> xr.Dataset:

@@ -23,6 +23,8 @@ from fsspec.implementations.local import LocalFileSystem
 ROOT_METADATA: Final = "zarr.json"
 TMP_MARKER: Final = ".tmp-"
 OLD_MARKER: Final = ".old-"
+#: Deterministic staging of a raster job (:mod:`rasterkube.staging`), unlike ``TMP_MARKER``.
+STAGE_MARKER: Final = ".stage-"
 ENV_S3_ENDPOINT: Final = "AWS_ENDPOINT_URL"
 
 
@@ -62,6 +64,27 @@ def temporary_uri(final_uri: str, run_id: str | None = None) -> str:
     return _sibling(final_uri, TMP_MARKER, run_id or uuid.uuid4().hex[:12])
 
 
+def staging_uri(final_uri: str, key: str) -> str:
+    """The hidden sibling of ``final_uri`` that a job with stage key ``key`` writes into; the
+    same for every rerun of the same work, so an interrupted run's blocks are found again."""
+    return _sibling(final_uri, STAGE_MARKER, key)
+
+
+def other_stagings(final_uri: str, keep: str) -> list[str]:
+    """Staging siblings of ``final_uri`` other than ``keep``: left by runs of another spec,
+    generation or input, whose blocks must never be reused."""
+    parent, name = final_uri.rstrip("/").rsplit("/", 1)
+    fs, parent_path = filesystem(parent)
+    prefix = f".{name}{STAGE_MARKER}"
+    fs.invalidate_cache(parent_path)
+    try:
+        entries = fs.ls(parent_path, detail=False)
+    except FileNotFoundError:
+        return []
+    found = [posixpath.basename(str(e).rstrip("/")) for e in entries]
+    return [join(parent, n) for n in sorted(found) if n.startswith(prefix) and join(parent, n) != keep]
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return bool(fs.exists(path))
@@ -71,6 +94,25 @@ def is_committed(uri: str) -> bool:
     """A committed store has its root metadata; a half-copied one does not."""
     fs, path = filesystem(uri)
     return bool(fs.exists(posixpath.join(path, ROOT_METADATA)))
+
+
+#: What ``fs.info`` says about an object that changes when it is rewritten: its size and
+#: modification time (local files; ``LastModified`` on S3) and the S3 ``ETag`` (content hash).
+VERSION_FIELDS: Final = ("size", "mtime", "LastModified", "ETag")
+
+
+def object_version(uri: str) -> str | None:
+    """A token that changes whenever the object at ``uri`` is written again (None: missing).
+
+    The modification time is in it, so a store committed again with the same bytes counts as
+    another version: resumed runs would rather start over than mix blocks of two commits."""
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    return "|".join(f"{k}={info[k]}" for k in VERSION_FIELDS if info.get(k) is not None)
 
 
 def remove(uri: str) -> None:

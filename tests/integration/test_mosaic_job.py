@@ -211,7 +211,7 @@ def test_multi_row_aoi_writes_stores_and_an_index(tmp_path: Path, s2: localstac.
         # each store covers its own row only
         gx0, _, gx1, _ = info.grid.bbox
         assert gx0 <= geom.bounds[0] and gx1 >= geom.bounds[2] and gx1 - gx0 < geom.bounds[2] - geom.bounds[0] + 30
-    assert not [p for p in os.listdir(out) if ".tmp-" in p]
+    assert not [p for p in os.listdir(out) if ".tmp-" in p or storage.STAGE_MARKER in p]
 
 
 @ray
@@ -403,3 +403,42 @@ def test_stac_api_search_matches_the_static_catalog(s2: localstac.SyntheticTruth
     assert all(os.path.isabs(href) for s in api for href in s.assets.values())
     with pytest.raises(UserError, match="spec.stac.api: cannot open the STAC API"):
         stac.search_api(url, "sentinel-2-l2a", aoi, t0, t1, 30.0)  # server gone
+
+
+class Interrupted(Exception):
+    """Stands for a fault that ends the driver mid-run (not bad input: the staging is kept)."""
+
+
+@ray
+def test_interrupted_mosaic_resumes_and_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    shape = (320, 320)  # 5 × 5 blocks of the smallest chunkSize
+    truth = localstac.synthetic_scenes(tmp_path / "s2", n_scenes=4, shape=shape, origin=ORIGIN,
+                                       start="2021-01-05", step_days=40, seed=5)  # fmt: skip
+    x0, y1 = ORIGIN
+    bbox = lonlat_bbox(truth.crs, (x0 + 5, y1 - shape[0] * 10 + 5, x0 + shape[1] * 10 - 5, y1 - 5))
+    spec = {"dataset": "sentinel-2-l2a", "stac": {"catalog": str(truth.catalog)}, "aoi": {"bbox": bbox},
+            "time": {"start": "2021-01-01", "end": "2021-07-01", "window": "P3M"}, "bands": ["red", "nir"],
+            "maxCloudCover": 100, "chunkSize": 64}  # fmt: skip
+
+    def stop_at(blocks: int) -> CallbackReporter:
+        def progress(_pct: float, message: str) -> None:
+            if message.startswith("compositing blocks") and int(message.split(": ")[1].split("/")[0]) >= blocks:
+                raise Interrupted(message)
+
+        return CallbackReporter(progress)
+
+    full = run_job(request(str(tmp_path / "full.zarr"), **spec))
+    n = full.summary["blocks"]
+    assert n >= 20 and full.summary["blocksReused"] == 0
+    out = tmp_path / "m.zarr"
+    with pytest.raises(Interrupted):
+        run_job(request(str(out), **spec), stop_at(n // 2), max_in_flight=1)
+    assert not out.exists()
+    resumed = run_job(request(str(out), **spec))
+    assert n // 2 <= resumed.summary["blocksReused"] < n
+    assert resumed.summary["observations"] == full.summary["observations"]  # recorded results add up
+    files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    want = {str(p.relative_to(tmp_path / "full.zarr")): p.read_bytes()
+            for p in sorted((tmp_path / "full.zarr").rglob("*")) if p.is_file()}  # fmt: skip
+    assert files.keys() == want.keys() and [k for k in files if files[k] != want[k]] == []
+    assert not [p for p in tmp_path.iterdir() if storage.STAGE_MARKER in p.name]

@@ -223,3 +223,31 @@ def test_shared_deployment_is_reused_then_scales_to_zero(tmp_path: Path) -> None
     else:
         raise AssertionError(f"replicas still running after 90 s: {deployment.replica_states}")
     serving.delete(app)
+
+
+class Interrupted(Exception):
+    """Stands for a fault that ends the driver mid-run (not bad input: the staging is kept)."""
+
+
+def test_interrupted_prediction_resumes_from_its_finished_blocks(tmp_path: Path) -> None:
+    data = random_series(2, 3, 96, 96, seed=4, nan_fraction=0.0)
+    src = write_store(str(tmp_path / "src.zarr"), data, chunk=16)
+    model = conv_pt2(tmp_path / "m.pt2", 3, 2, patch=24)
+    args = (src, str(tmp_path / "out.zarr"), str(model), [f"test:b{i}" for i in range(3)], ["a", "b"])
+    spec = {"patchSize": 24, "clipSize": 4, "maxBatchSize": 8, "xyBlockMultiplier": 1}
+
+    def stop_at_half(_pct: float, message: str) -> None:
+        if message.startswith("predicting blocks: ") and int(message.split(": ")[1].split("/")[0]) >= 18:
+            raise Interrupted(message)
+
+    with pytest.raises(Interrupted):
+        run_job(request(*args, **spec), CallbackReporter(stop_at_half), max_in_flight=1)
+    assert not (tmp_path / "out.zarr").exists()
+    resumed = run_job(request(*args, **spec))
+    assert resumed.summary["blocks"] == 36 and 18 <= resumed.summary["blocksReused"] < 36
+    full = run_job(request(src, str(tmp_path / "full.zarr"), *args[2:], **spec))
+    assert full.summary["blocksReused"] == 0 and full.summary["patches"] == resumed.summary["patches"]
+    # Ray Serve batches patches of several blocks together, and the batch shape changes
+    # oneDNN's kernels: equal to float32 rounding, not to the bit (the ChangeScore test is).
+    got, want = (geozarr.open_dataset(str(tmp_path / n))["variables"].values for n in ("out.zarr", "full.zarr"))
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)

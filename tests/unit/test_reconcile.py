@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shlex
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,9 @@ from typing import Any
 import pytest
 
 from helpers.stores import random_series, write_store
+from rasterkube import staging
 from rasterkube.constants import Kind
+from rasterkube.jobs.context import JobRequest
 from rasterkube_operator import reconcile
 from rasterkube_operator.backends.base import BackendName, JobSpec, JobState, JobStatus, Owner, job_id
 from rasterkube_operator.status import build_status, changed
@@ -174,6 +177,27 @@ def test_spec_change_stops_old_job_and_runs_new_generation(env) -> None:
     assert backend.stopped == [old]
     assert status["job"]["id"] == job_id(Kind.CHANGE_SCORE, "cs", UID, 2) != old
     assert status["observedGeneration"] == 2
+
+
+def _submitted_request(spec: JobSpec) -> JobRequest:
+    return JobRequest.from_json(shlex.split(spec.entrypoint)[-1])
+
+
+def test_job_request_carries_uid_and_generation_for_the_staging_key(env) -> None:
+    """A resubmitted job (operator restart, RayJob retry) gets the same staging key and resumes;
+    a new generation gets another and never reuses the old generation's blocks."""
+    backend, kube, deps, src = env
+    obj = kube.add(change_score(source={"uri": src}))
+    step(kube, deps), step(kube, deps)
+    first = _submitted_request(backend.submitted[0]).parsed()
+    assert (first.metadata.uid, first.metadata.generation) == (UID, 1)
+    key = staging.stage_key(first, {"source": "v"})
+    assert key.resource == UID and key.generation == 1
+    obj["metadata"]["generation"] = 2
+    step(kube, deps), step(kube, deps)
+    second = _submitted_request(backend.submitted[1]).parsed()
+    assert second.metadata.generation == 2 and second.spec_hash == first.spec_hash
+    assert staging.stage_key(second, {"source": "v"}).digest != key.digest
 
 
 def test_checks_the_schema_cannot_express_stall_without_submitting(env) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from rasterkube import geozarr, multiscale, storage
+from rasterkube import geozarr, multiscale
 from rasterkube.api import ChangeScore, ChangeScoreSpec
 from rasterkube.api.kinds import ChangeMethod, Distance, Selector
 from rasterkube.change import clustering, scores
@@ -22,7 +22,9 @@ from rasterkube.jobs.context import (
     JobRequest,
     JobResult,
     commit_store,
+    open_stage,
     raster_summary,
+    source_version,
 )
 from rasterkube.runtime.blocks import plan_blocks, row_strips, shift
 from rasterkube.runtime.executor import run_blocks
@@ -223,20 +225,21 @@ def run(
     blocks_lo = SAMPLE_PERCENT if model is not None else 0
     blocks_hi = MULTISCALE_PERCENT if spec.output.multiscales else BLOCKS_PERCENT
     out_grid = info.grid.window(window)
-    tmp = storage.temporary_uri(request.output_uri, request.run_id)
-    storage.remove(tmp)  # a previous attempt of the same run may have left a partial prefix
+    stage = open_stage(resource, request.output_uri, source=source_version(request))
     attrs: dict[str, Any] = {"rasterkube:kind": resource.kind, "rasterkube:source": request.source_uri}
     if model is not None:
         attrs[multiscale.CATEGORICAL_BANDS_ATTR] = [clustering.LABEL_BAND]  # mode, not mean, in a pyramid
     out = geozarr.create(
-        tmp,
+        stage.uri,
         out_grid,
         info.times,
         names,
         dtype="float32",
         chunk_size=info.chunks[2],
         attrs=attrs,
+        write=not stage.resumed,
     )
+    stage.begin()
     assert info.layout is not None
     params = BlockParams(
         source=info.layout,
@@ -245,7 +248,7 @@ def run(
         methods=tuple(spec.methods),
         distance=spec.distance,
         robust=spec.robust_time_zscore,
-        out_uri=tmp,
+        out_uri=stage.uri,
         out_var=out.data_var,
         names=tuple(names),
         cluster_model=model,
@@ -260,9 +263,11 @@ def run(
             max_in_flight=ctx.max_in_flight,
             reporter=ScaledReporter(reporter, blocks_lo, blocks_hi),
             message="scoring blocks",
+            ledger=stage.ledger,
+            finished=stage.finished,
         )
         levels = commit_store(
-            tmp,
+            stage,
             request.output_uri,
             reporter,
             multiscales=spec.output.multiscales,
@@ -271,10 +276,11 @@ def run(
             num_cpus=spec.resources.cpus,
             max_in_flight=ctx.max_in_flight,
         )
-    except BaseException:
-        storage.remove(tmp)
+    except UserError:
+        stage.discard()  # the same spec would fail the same way: nothing to resume
         raise
-    summary = raster_summary(out, len(blocks))
+    # Any other failure (a fault, an interrupt) keeps the staging: the next run resumes it.
+    summary = raster_summary(out, len(blocks), stage.reused(blocks))
     if levels is not None:
         summary["multiscales"] = [list(g.shape) for g in levels]
     return JobResult(uri=request.output_uri, summary=summary)

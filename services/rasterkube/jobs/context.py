@@ -9,7 +9,7 @@ from typing import Any
 
 import fsspec
 
-from rasterkube import storage
+from rasterkube import staging, storage
 from rasterkube.api import RESOURCE_MODELS, Resource
 from rasterkube.constants import Kind
 from rasterkube.errors import UserError
@@ -72,20 +72,36 @@ class JobResult:
         return asdict(self)
 
 
-def raster_summary(out: Any, blocks: int, **extra: Any) -> dict[str, Any]:
-    """The status summary of a raster output (a :class:`rasterkube.geozarr.StoreInfo`)."""
+def raster_summary(out: Any, blocks: int, blocks_reused: int, **extra: Any) -> dict[str, Any]:
+    """The status summary of a raster output (a :class:`rasterkube.geozarr.StoreInfo`);
+    ``blocksReused``: blocks an interrupted run of the same work had finished."""
     return {
         "shape": list(out.shape),
         "bands": list(out.bands),
         "times": [str(t) for t in out.times.astype("datetime64[D]")],
         "crs": out.grid.crs,
         "blocks": blocks,
+        "blocksReused": blocks_reused,
         **extra,
     }
 
 
+def open_stage(resource: Resource[Any], final_uri: str, **inputs: str | None) -> staging.Stage:
+    """The staging store of this run of ``resource`` (resumed when an interrupted run of the
+    same resource, generation, spec and ``inputs`` left one): see :mod:`rasterkube.staging`."""
+    return staging.open_stage(final_uri, staging.stage_key(resource, inputs))
+
+
+def source_version(request: JobRequest) -> str | None:
+    """This commit of the job's source store, as a stage-key input: blocks computed from an
+    earlier commit of the source are never reused."""
+    from rasterkube import geozarr
+
+    return geozarr.store_version(request.source_uri) if request.source_uri else None
+
+
 def commit_store(
-    tmp_uri: str,
+    stage: staging.Stage,
     final_uri: str,
     reporter: Reporter,
     *,
@@ -95,13 +111,16 @@ def commit_store(
     num_cpus: float = 1.0,
     max_in_flight: int | None = None,
 ) -> list[Any] | None:
-    """Finish a raster output written at ``tmp_uri``: the pyramid if asked for (built before
-    the commit, so it is committed atomically with the data), consolidated metadata, commit.
+    """Finish a raster output staged at ``stage``: its ledger removed (the blocks are done),
+    the pyramid if asked for (built before the commit, so it is committed atomically with the
+    data), consolidated metadata, commit.
 
     Returns the pyramid's level grids (None without multiscales). ``commit_percent=None``
     leaves the commit's progress to the caller (a Mosaic commits one store per AOI row)."""
     from rasterkube import geozarr, multiscale
 
+    tmp_uri = stage.uri
+    stage.seal()
     levels = None
     if multiscales:
         levels = multiscale.build(

@@ -29,6 +29,7 @@ number of scenes, and the executor bounds the tasks in flight.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from rasterkube import geozarr, storage
 from rasterkube.api.kinds import Mosaic, MosaicSpec
 from rasterkube.errors import UserError
 from rasterkube.grid import GeoGrid, Window
-from rasterkube.jobs.context import JobContext, JobRequest, JobResult, commit_store
+from rasterkube.jobs.context import JobContext, JobRequest, JobResult, commit_store, open_stage
 from rasterkube.mosaic import composite, gridding, reads, stac
 from rasterkube.mosaic.aoi import WGS84, load_aoi
 from rasterkube.mosaic.recipes import Recipe, recipe_for
@@ -279,12 +280,17 @@ def composite_block(block: Window, p: BlockParams) -> int:
 # --------------------------------------------------------------------------------- run
 
 
+def scenes_digest(scenes: Sequence[stac.Scene]) -> str:
+    """sha256 of the scene ids a store is composited from (a stage-key input: a catalog that
+    has gained or lost scenes since an interrupted run must not mix the two)."""
+    return hashlib.sha256("\n".join(s.id for s in scenes).encode()).hexdigest()
+
+
 def _write_store(plan: MosaicPlan, row: RowPlan, spec: MosaicSpec, resource: Mosaic, ctx: JobContext,
                  reporter: Reporter) -> dict[str, Any]:  # fmt: skip
     """Composite one AOI row into its store (temporary prefix, committed at the end)."""
-    request = ctx.request
-    tmp = storage.temporary_uri(row.output_uri, request.run_id)
-    storage.remove(tmp)  # a previous attempt of the same run may have left a partial prefix
+    stage = open_stage(resource, row.output_uri, catalog=plan.catalog, scenes=scenes_digest(row.scenes))
+    tmp = stage.uri
     starts = np.array([w[0] for w in plan.windows], dtype="datetime64[s]")
     ends = np.array([w[1] for w in plan.windows], dtype="datetime64[s]")
     out = geozarr.create(
@@ -294,8 +300,11 @@ def _write_store(plan: MosaicPlan, row: RowPlan, spec: MosaicSpec, resource: Mos
                "rasterkube:stac": plan.catalog, "rasterkube:scenes": [s.id for s in row.scenes],
                "rasterkube:time_window": spec.time.window or ""},
         extra_coords={TIME_END_COORD: ("time", geozarr.to_epoch_seconds(ends), dict(geozarr.TIME_ATTRS))},
+        write=not stage.resumed,
     )  # fmt: skip
-    geozarr.add_variable(tmp, COUNT_VAR, out, n_bands=None, dtype="uint16", fill_value=0)
+    if not stage.resumed:
+        geozarr.add_variable(tmp, COUNT_VAR, out, n_bands=None, dtype="uint16", fill_value=0)
+    stage.begin()
     params = BlockParams(
         dataset=plan.recipe.dataset,
         grid=row.grid,
@@ -311,15 +320,16 @@ def _write_store(plan: MosaicPlan, row: RowPlan, spec: MosaicSpec, resource: Mos
         observations = run_blocks(
             composite_block, blocks, params, num_cpus=spec.resources.cpus, max_in_flight=ctx.max_in_flight,
             reporter=ScaledReporter(reporter, 0, MULTISCALE_FROM if spec.output.multiscales else 100),
-            message=f"compositing blocks of {row.key}",
+            message=f"compositing blocks of {row.key}", ledger=stage.ledger, finished=stage.finished,
         )  # fmt: skip
-        pyramid = commit_store(tmp, row.output_uri, reporter, multiscales=spec.output.multiscales,
+        pyramid = commit_store(stage, row.output_uri, reporter, multiscales=spec.output.multiscales,
                                pyramid_percent=(MULTISCALE_FROM, 100), commit_percent=None,
                                num_cpus=spec.resources.cpus, max_in_flight=ctx.max_in_flight)  # fmt: skip
         levels = len(pyramid) if pyramid is not None else 1
-    except BaseException:
-        storage.remove(tmp)
+    except UserError:
+        stage.discard()  # the same spec would fail the same way: nothing to resume
         raise
+    # Any other failure (a fault, an interrupt) keeps the staging: the next run resumes it.
     return {
         "shape": list(out.shape),
         "bands": list(out.bands),
@@ -328,6 +338,7 @@ def _write_store(plan: MosaicPlan, row: RowPlan, spec: MosaicSpec, resource: Mos
         "transform": list(row.grid.transform),
         "scenes": len(row.scenes),
         "blocks": len(blocks),
+        "blocksReused": stage.reused(blocks),
         "observations": int(sum(observations)),
         "levels": levels,
     }
@@ -376,6 +387,8 @@ def run(resource: Mosaic, ctx: JobContext, reporter: Reporter, plan: MosaicPlan)
             "bands": summaries[0]["bands"],
             "times": summaries[0]["times"],
             "scenes": sum(s["scenes"] for s in summaries),
+            "blocks": sum(s["blocks"] for s in summaries),
+            "blocksReused": sum(s["blocksReused"] for s in summaries),
             "note": f"one GeoZarr store per AOI row under {base}; index (GeoParquet, location column) at {plan.index_uri}",
         },
     )

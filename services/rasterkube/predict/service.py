@@ -14,7 +14,7 @@ from typing import Final
 import numpy as np
 import ray
 
-from rasterkube import geozarr, storage
+from rasterkube import geozarr
 from rasterkube.api import Prediction, PredictionSpec
 from rasterkube.api.kinds import DeviceKind, MergeMode
 from rasterkube.constants import DATA_VAR
@@ -25,7 +25,9 @@ from rasterkube.jobs.context import (
     JobRequest,
     JobResult,
     commit_store,
+    open_stage,
     raster_summary,
+    source_version,
 )
 from rasterkube.predict import actors, models, serving, windows
 from rasterkube.runtime import executor
@@ -210,13 +212,12 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
     assert request.source_uri is not None
     info, plan, sig = prepared.info, prepared.plan, prepared.signature
     out_times, extra_coords = actors.output_times(plan, info.times)
-    tmp = storage.temporary_uri(request.output_uri, request.run_id)
-    storage.remove(tmp)  # a previous attempt of the same run may have left a partial prefix
+    stage = open_stage(resource, request.output_uri, source=source_version(request), model=prepared.fetched.sha256)
     config = serve_config(spec, prepared)
     app = config.app_name(spec.serving.share_deployment, request.run_id)
     try:
         out = geozarr.create(
-            tmp,
+            stage.uri,
             info.grid,
             out_times,
             spec.model.labels,
@@ -231,7 +232,9 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
                 "rasterkube:features": list(spec.model.features),
             },
             extra_coords=extra_coords,
+            write=not stage.resumed,
         )
+        stage.begin()
         serving.check_capacity(config, TASK_CPUS, ray.cluster_resources())
         reporter.progress(1, f"deploying model {prepared.fetched.short_id} on Ray Serve ({app})")
         share = spec.serving.share_deployment
@@ -249,7 +252,7 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
             time_stacked=plan.time_stacked,
             out_channels=sig.out_channels,
             app=app,
-            out_uri=tmp,
+            out_uri=stage.uri,
         )
         blocks = plan_blocks(info.grid.shape, out.chunks[2:], spec.xy_block_multiplier)
         patches = run_blocks(
@@ -262,9 +265,11 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
                 reporter, DEPLOY_PERCENT, MULTISCALE_PERCENT if spec.output.multiscales else BLOCKS_PERCENT
             ),
             message="predicting blocks",
+            ledger=stage.ledger,
+            finished=stage.finished,
         )
         levels = commit_store(
-            tmp,
+            stage,
             request.output_uri,
             reporter,
             multiscales=spec.output.multiscales,
@@ -272,13 +277,14 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
             commit_percent=COMMIT_PERCENT,
             max_in_flight=ctx.max_in_flight,
         )
-    except BaseException:
-        storage.remove(tmp)
+    except UserError:
+        stage.discard()  # the same spec would fail the same way: nothing to resume
         raise
+    # Any other failure (a fault, an interrupt) keeps the staging: the next run resumes it.
     finally:
         if not spec.serving.share_deployment:
             serving.delete(app)  # a per-run deployment ends with its run
-    summary = raster_summary(out, len(blocks), patches=int(sum(patches)), deployment=app, deploymentReused=reused)
+    summary = raster_summary(out, len(blocks), stage.reused(blocks), patches=int(sum(patches)), deployment=app, deploymentReused=reused)
     if levels is not None:
         summary["multiscales"] = [list(g.shape) for g in levels]
     return JobResult(uri=request.output_uri, summary=summary)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import ray
@@ -145,6 +145,14 @@ def _cached_remote(task: Callable[..., T], num_cpus: float, max_retries: int, en
     )
 
 
+def _run_and_record(item: Any, task: Callable[..., Any], ledger: Any, *args: Any) -> Any:
+    """A block task that records its block in the ledger once it has written it (a Ray task:
+    the marker is written by the worker that wrote the chunks, right after them)."""
+    result = task(item, *args)
+    ledger.record(item, result)
+    return result
+
+
 def run_blocks(
     task: Callable[..., T],
     items: Sequence[Any],
@@ -155,6 +163,8 @@ def run_blocks(
     message: str = "processing blocks",
     max_retries: int = 3,
     on_result: Callable[[int, T], None] | None = None,
+    ledger: Any | None = None,
+    finished: Mapping[Any, T] | None = None,
 ) -> list[T]:
     """Call ``task(item, *args)`` for every item as a Ray task; at most ``max_in_flight`` at once.
 
@@ -162,29 +172,40 @@ def run_blocks(
     blocks are idempotent writes of disjoint chunks — and re-raised if they persist.
     ``on_result(index, result)`` is called on the driver as each result arrives (in completion
     order), e.g. to start follow-up work (:class:`TaskGroup`) before the last block is done.
+
+    Resuming (:mod:`rasterkube.staging`): items in ``finished`` are not run again, their
+    recorded results are used; with a ``ledger`` (``.record(item, result)``) every task
+    records its item once it is done.
     """
     reporter = reporter or NullReporter()
-    remote = _remote(task, num_cpus, max_retries)
+    call, lead = (_run_and_record, (task, ledger)) if ledger is not None else (task, ())
+    remote = _remote(call, num_cpus, max_retries)
     limit = max_in_flight or default_in_flight()
     # Large shared arguments go to the object store once, not once per task.
-    shared = [ray.put(a) for a in args]
-    results: dict[int, T] = {}
+    shared = [ray.put(a) for a in (*lead, *args)]
+    finished = finished or {}
+    results: dict[int, T] = {i: finished[item] for i, item in enumerate(items) if item in finished}
+    reused = f" ({len(results)} reused)" if results else ""
+    todo = [i for i in range(len(items)) if i not in results]
     pending: dict[ray.ObjectRef, int] = {}
-    next_item = 0
+    next_todo = 0
     total = len(items)
-    reporter.progress(0, f"{message}: 0/{total}")
+    if on_result is not None:
+        for index in sorted(results):
+            on_result(index, results[index])
+    reporter.progress(100.0 * len(results) / max(total, 1), f"{message}: {len(results)}/{total}{reused}")
     try:
-        while next_item < total or pending:
-            while next_item < total and len(pending) < limit:
-                pending[remote.remote(items[next_item], *shared)] = next_item
-                next_item += 1
+        while next_todo < len(todo) or pending:
+            while next_todo < len(todo) and len(pending) < limit:
+                pending[remote.remote(items[todo[next_todo]], *shared)] = todo[next_todo]
+                next_todo += 1
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 index = pending.pop(ref)
                 results[index] = ray.get(ref)
                 if on_result is not None:
                     on_result(index, results[index])
-            reporter.progress(100.0 * len(results) / total, f"{message}: {len(results)}/{total}")
+            reporter.progress(100.0 * len(results) / total, f"{message}: {len(results)}/{total}{reused}")
     except BaseException:
         _drain(list(pending))
         raise
