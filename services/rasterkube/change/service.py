@@ -11,7 +11,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from rasterkube import geozarr, multiscale, storage
+from rasterkube import geozarr, multiscale, provenance, storage
 from rasterkube.api import ChangeScore, ChangeScoreSpec
 from rasterkube.api.kinds import ChangeMethod, Distance, Selector
 from rasterkube.change import clustering, scores
@@ -208,6 +208,13 @@ def fit_clusters(spec: ChangeScoreSpec, info: geozarr.StoreInfo, band_idx: list[
     return clustering.fit_model(samples, spec.distance, k, spec.clustering.method, seed=SAMPLE_SEED)
 
 
+def lineage(spec: ChangeScoreSpec, source_uri: str) -> str:
+    """processing:lineage: the scores and the input, in a sentence."""
+    zscore = " with robust time z-scores" if spec.robust_time_zscore else ""
+    return (f"per-pixel change scores ({', '.join(map(str, spec.methods))}; {spec.distance} distance{zscore}) "
+            f"of the time series {source_uri}")  # fmt: skip
+
+
 def run(
     resource: ChangeScore, ctx: JobContext, reporter: Reporter, prepared: tuple[geozarr.StoreInfo, list[int], Window]
 ) -> JobResult:
@@ -251,6 +258,11 @@ def run(
         cluster_model=model,
     )
     blocks = plan_blocks(out_grid.shape, out.chunks[2:], spec.xy_block_multiplier)
+    item = provenance.validated(provenance.raster_item(
+        provenance.from_source_store(resource, request, lineage(spec, request.source_uri)),
+        provenance.item_id(resource.kind, resource.namespace, resource.name),
+        provenance.RasterOutput(out_grid, out.times, out.bands, str(out.dtype), title="change scores"),
+    ))
     try:
         run_blocks(
             score_block,
@@ -268,6 +280,7 @@ def run(
             multiscales=spec.output.multiscales,
             pyramid_percent=(MULTISCALE_PERCENT, BLOCKS_PERCENT),
             commit_percent=COMMIT_PERCENT,
+            item=item,
             num_cpus=spec.resources.cpus,
             max_in_flight=ctx.max_in_flight,
         )
