@@ -30,6 +30,7 @@ from rasterkube.runtime.progress import Reporter, ScaledReporter
 
 # Pixels scored at once inside a block: bounds the (T, T, N) float64 distance matrix.
 STRIP_PIXELS: Final = 65_536
+OUT_DTYPE: Final = "float32"
 MIN_TIME_STEPS: Final = 2
 # Progress: blocks are most of the work; consolidating and committing the output the rest.
 SAMPLE_PERCENT: Final = 5
@@ -230,6 +231,11 @@ def run(
     blocks_lo = SAMPLE_PERCENT if model is not None else 0
     blocks_hi = MULTISCALE_PERCENT if spec.output.multiscales else BLOCKS_PERCENT
     out_grid = info.grid.window(window)
+    item = provenance.validated(provenance.raster_item(  # before anything is written
+        provenance.from_source_store(resource, request, lineage(spec, request.source_uri)),
+        provenance.item_id(resource.kind, resource.namespace, resource.name),
+        provenance.RasterOutput(out_grid, info.times, tuple(names), OUT_DTYPE, title="change scores"),
+    ))
     tmp = storage.temporary_uri(request.output_uri, request.run_id)
     storage.remove(tmp)  # a previous attempt of the same run may have left a partial prefix
     attrs: dict[str, Any] = {"rasterkube:kind": resource.kind, "rasterkube:source": request.source_uri}
@@ -240,7 +246,7 @@ def run(
         out_grid,
         info.times,
         names,
-        dtype="float32",
+        dtype=OUT_DTYPE,
         chunk_size=info.chunks[2],
         attrs=attrs,
     )
@@ -258,11 +264,6 @@ def run(
         cluster_model=model,
     )
     blocks = plan_blocks(out_grid.shape, out.chunks[2:], spec.xy_block_multiplier)
-    item = provenance.validated(provenance.raster_item(
-        provenance.from_source_store(resource, request, lineage(spec, request.source_uri)),
-        provenance.item_id(resource.kind, resource.namespace, resource.name),
-        provenance.RasterOutput(out_grid, out.times, out.bands, str(out.dtype), title="change scores"),
-    ))
     try:
         run_blocks(
             score_block,

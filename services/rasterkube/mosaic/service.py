@@ -49,6 +49,7 @@ from rasterkube.runtime.executor import run_blocks
 from rasterkube.runtime.progress import Reporter, ScaledReporter
 
 COUNT_VAR: Final = "count"
+OUT_DTYPE: Final = "float32"
 TIME_END_COORD: Final = "time_end"
 INDEX_FILE: Final = "index.parquet"
 STORE_SUFFIX: Final = ".zarr"
@@ -287,8 +288,7 @@ def lineage(plan: MosaicPlan, spec: MosaicSpec, n_scenes: int) -> str:
             f"from {plan.catalog}")  # fmt: skip
 
 
-def row_item(plan: MosaicPlan, row: RowPlan, spec: MosaicSpec, resource: Mosaic, out: geozarr.StoreInfo,
-             run_id: str) -> dict[str, Any]:  # fmt: skip
+def row_item(plan: MosaicPlan, row: RowPlan, spec: MosaicSpec, resource: Mosaic, run_id: str) -> dict[str, Any]:
     """The STAC item of one store: its scenes are the sources (ids, and links to their items)."""
     prov = provenance.Provenance.of(resource, run_id, lineage(plan, spec, len(row.scenes)), sources=(plan.catalog,),
                                     source_items=[s.id for s in row.scenes],
@@ -297,7 +297,9 @@ def row_item(plan: MosaicPlan, row: RowPlan, spec: MosaicSpec, resource: Mosaic,
     key = row.key if multi else None
     # STAC's end_datetime is inclusive; a window ends just before its (exclusive) end.
     end = np.datetime64(plan.windows[-1][1], "s") - np.timedelta64(1, "s")
-    described = provenance.RasterOutput(row.grid, out.times, out.bands, str(out.dtype), end=end,
+    starts = np.array([w[0] for w in plan.windows], dtype="datetime64[s]")
+    bands = tuple(plan.recipe.label(b) for b in plan.band_ids)
+    described = provenance.RasterOutput(row.grid, starts, bands, OUT_DTYPE, end=end,
                                         title=f"{plan.recipe.dataset} composites",
                                         properties={provenance.ROW: key} if multi else {})  # fmt: skip
     collection = provenance.item_id(resource.kind, resource.namespace, resource.name) if multi else None
@@ -311,12 +313,13 @@ def _write_store(plan: MosaicPlan, row: RowPlan, spec: MosaicSpec, resource: Mos
     """Composite one AOI row into its store (temporary prefix, committed at the end); returns
     its summary and its STAC item."""
     request = ctx.request
+    item = row_item(plan, row, spec, resource, request.run_id)  # before anything is written
     tmp = storage.temporary_uri(row.output_uri, request.run_id)
     storage.remove(tmp)  # a previous attempt of the same run may have left a partial prefix
     starts = np.array([w[0] for w in plan.windows], dtype="datetime64[s]")
     ends = np.array([w[1] for w in plan.windows], dtype="datetime64[s]")
     out = geozarr.create(
-        tmp, row.grid, starts, [plan.recipe.label(b) for b in plan.band_ids], dtype="float32",
+        tmp, row.grid, starts, [plan.recipe.label(b) for b in plan.band_ids], dtype=OUT_DTYPE,
         chunk_size=spec.chunk_size,
         attrs={"rasterkube:kind": resource.kind, "rasterkube:dataset": plan.recipe.dataset,
                "rasterkube:stac": plan.catalog, "rasterkube:scenes": [s.id for s in row.scenes],
@@ -335,7 +338,6 @@ def _write_store(plan: MosaicPlan, row: RowPlan, spec: MosaicSpec, resource: Mos
         data_var=out.data_var,
     )
     blocks = plan_blocks(row.grid.shape, out.chunks[2:], 1)
-    item = row_item(plan, row, spec, resource, out, request.run_id)
     try:
         observations = run_blocks(
             composite_block, blocks, params, num_cpus=spec.resources.cpus, max_in_flight=ctx.max_in_flight,
