@@ -50,8 +50,10 @@ SPEC_FORMAT: Final = f"{API_VERSION} spec"
 LICENSE: Final = "other"
 WGS84: Final = "EPSG:4326"
 WEB_MERCATOR: Final = "EPSG:3857"
-#: Points per edge of a grid's outline before it is projected to lon/lat.
-FOOTPRINT_POINTS: Final = 21
+#: Points per edge of a grid's outline projected to lon/lat: few for the geometry, many for
+#: the bbox (which must contain the curved edges whatever the projection).
+FOOTPRINT_POINTS: Final = 5
+BBOX_POINTS: Final = 21
 #: Decimals of lon/lat kept in geometry and bbox (1e-7 degree is about 1 cm).
 LONLAT_DECIMALS: Final = 7
 
@@ -208,14 +210,19 @@ def footprint(grid: GeoGrid) -> tuple[dict[str, Any], list[float]]:
     """GeoJSON Polygon and bbox in EPSG:4326 of the grid's area (STAC's geometry and bbox)."""
     from pyproj import CRS, Transformer
 
-    xs, ys = _outline(grid, FOOTPRINT_POINTS)
     transformer = Transformer.from_crs(CRS.from_user_input(grid.crs), CRS.from_user_input(WGS84), always_xy=True)
-    lon, lat = transformer.transform(xs, ys)
-    if not (np.isfinite(lon).all() and np.isfinite(lat).all()):
-        raise ValueError(f"the grid's outline does not project to lon/lat from {grid.crs}")
-    ring = [[round(float(x), LONLAT_DECIMALS), round(float(y), LONLAT_DECIMALS)] for x, y in zip(lon, lat, strict=True)]
+
+    def lonlat(points: int) -> tuple[np.ndarray, np.ndarray]:
+        lon, lat = transformer.transform(*_outline(grid, points))
+        if not (np.isfinite(lon).all() and np.isfinite(lat).all()):
+            raise ValueError(f"the grid's outline does not project to lon/lat from {grid.crs}")
+        return np.round(lon, LONLAT_DECIMALS), np.round(lat, LONLAT_DECIMALS)
+
+    lon, lat = lonlat(FOOTPRINT_POINTS)
+    ring = [[float(x), float(y)] for x, y in zip(lon, lat, strict=True)]
     ring[-1] = ring[0]  # closed exactly, whatever the rounding
-    bbox = [min(p[0] for p in ring), min(p[1] for p in ring), max(p[0] for p in ring), max(p[1] for p in ring)]
+    dense_lon, dense_lat = lonlat(BBOX_POINTS)
+    bbox = [float(dense_lon.min()), float(dense_lat.min()), float(dense_lon.max()), float(dense_lat.max())]
     return {"type": "Polygon", "coordinates": [ring]}, bbox
 
 
