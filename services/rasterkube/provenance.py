@@ -27,6 +27,7 @@ The builders are pure functions (values in, dicts out); the I/O helpers are at t
 from __future__ import annotations
 
 import json
+import math
 import posixpath
 import re
 from collections.abc import Mapping, Sequence
@@ -216,13 +217,16 @@ def footprint(grid: GeoGrid) -> tuple[dict[str, Any], list[float]]:
         lon, lat = transformer.transform(*_outline(grid, points))
         if not (np.isfinite(lon).all() and np.isfinite(lat).all()):
             raise ValueError(f"the grid's outline does not project to lon/lat from {grid.crs}")
-        return np.round(lon, LONLAT_DECIMALS), np.round(lat, LONLAT_DECIMALS)
+        return np.asarray(lon), np.asarray(lat)
 
     lon, lat = lonlat(FOOTPRINT_POINTS)
-    ring = [[float(x), float(y)] for x, y in zip(lon, lat, strict=True)]
+    ring = [[round(float(x), LONLAT_DECIMALS), round(float(y), LONLAT_DECIMALS)] for x, y in zip(lon, lat, strict=True)]
     ring[-1] = ring[0]  # closed exactly, whatever the rounding
     dense_lon, dense_lat = lonlat(BBOX_POINTS)
-    bbox = [float(dense_lon.min()), float(dense_lat.min()), float(dense_lon.max()), float(dense_lat.max())]
+    scale = 10.0**LONLAT_DECIMALS  # rounded outwards: the bbox contains the whole grid
+    lo = [math.floor(float(v.min()) * scale) / scale for v in (dense_lon, dense_lat)]
+    hi = [math.ceil(float(v.max()) * scale) / scale for v in (dense_lon, dense_lat)]
+    bbox = [lo[0], lo[1], hi[0], hi[1]]
     return {"type": "Polygon", "coordinates": [ring]}, bbox
 
 
