@@ -2,10 +2,10 @@
 
 pystac validates an object against the core schema of its ``stac_version`` and against the
 schema URL of every entry in its ``stac_extensions``; by default it fetches each URL. Here a
-:class:`~pystac.validation.JsonSchemaSTACValidator` resolves those URLs (and every ``$ref``
-inside the schemas) from ``rasterkube/schemas/stac`` (see its README for sources and
-licenses) and refuses any other: validation never opens a socket, and an object that names a
-schema rasterkube does not ship is reported as such instead of being half-checked.
+pystac validator resolves those URLs (and every ``$ref`` inside the schemas) from
+``rasterkube/schemas/stac`` (see its README for sources and licenses) and refuses any other:
+validation never opens a socket, and an object that names a schema rasterkube does not ship
+is reported as such instead of being half-checked.
 """
 
 from __future__ import annotations
@@ -68,20 +68,58 @@ def shipped_schema(url: str) -> dict[str, Any]:
 
 
 @cache
+def registry() -> Any:
+    """Every shipped schema by URL; a ``$ref`` to anything else fails (SchemaNotShipped)."""
+    from referencing import Registry
+    from referencing.jsonschema import DRAFT7
+
+    def retrieve(url: str) -> Any:
+        return DRAFT7.create_resource(shipped_schema(url))
+
+    urls = (*SCHEMA_FILES, PROJJSON_URL)
+    return Registry(retrieve=retrieve).with_resources((url, DRAFT7.create_resource(shipped_schema(url))) for url in urls)  # type: ignore[call-arg]
+
+
+@cache
 def validator() -> Any:
-    """A pystac validator that reads every schema from the package (cached per process)."""
-    from pystac.validation import JsonSchemaSTACValidator
+    """A pystac :class:`~pystac.validation.STACValidator` over the shipped schemas (one per
+    process). It keeps one compiled jsonschema validator per schema URL, so validating an
+    item costs milliseconds (pystac's default rebuilds its registry on every call); use it
+    with ``pystac.validation.set_validator`` to run pystac's own ``validate_all`` offline."""
+    import jsonschema
+    from pystac.errors import STACValidationError
+    from pystac.validation import STACValidator
+    from pystac.validation.schema_uri_map import DefaultSchemaUriMap
 
-    class ShippedSchemaValidator(JsonSchemaSTACValidator):
-        def _get_schema(self, schema_uri: str) -> dict[str, Any]:
-            if schema_uri not in self.schema_cache:
-                self.schema_cache[schema_uri] = shipped_schema(schema_uri)
-            return self.schema_cache[schema_uri]
+    class ShippedSchemaValidator(STACValidator):
+        def __init__(self) -> None:
+            self._compiled: dict[str, Any] = {}
+            self._core = DefaultSchemaUriMap()
 
-    shipped = ShippedSchemaValidator()
-    # pystac seeds its cache with its own copies of the core schemas; use the shipped ones only.
-    shipped.schema_cache = {url: shipped_schema(url) for url in (*SCHEMA_FILES, PROJJSON_URL)}
-    return shipped
+        def _check(self, doc: dict[str, Any], url: str, object_type: Any, href: str | None) -> str:
+            compiled = self._compiled.get(url)
+            if compiled is None:
+                schema = shipped_schema(url)
+                compiled = jsonschema.validators.validator_for(schema)(schema, registry=registry())
+                self._compiled[url] = compiled
+            errors = list(compiled.iter_errors(doc))
+            if errors:
+                best = jsonschema.exceptions.best_match(errors)
+                where = f"at {href} " if href else ""
+                raise STACValidationError(f"Validation failed for {object_type} {where}with ID {doc.get('id')} "
+                                          f"against schema at {url}\n{best}", source=errors) from best  # fmt: skip
+            return url
+
+        def validate_core(self, stac_dict: dict[str, Any], stac_object_type: Any, stac_version: str,
+                          href: str | None = None) -> str | None:  # fmt: skip
+            url = self._core.get_object_schema_uri(stac_object_type, stac_version)
+            return None if url is None else self._check(stac_dict, url, stac_object_type, href)
+
+        def validate_extension(self, stac_dict: dict[str, Any], stac_object_type: Any, stac_version: str,
+                               extension_id: str, href: str | None = None) -> str:  # fmt: skip
+            return self._check(stac_dict, extension_id, stac_object_type, href)
+
+    return ShippedSchemaValidator()
 
 
 def validate(doc: dict[str, Any]) -> None:

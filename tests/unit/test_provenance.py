@@ -246,8 +246,8 @@ def test_schema_not_shipped_is_refused() -> None:
 
 
 def test_validation_never_touches_the_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    stacschema.validator.cache_clear()
-    stacschema.shipped_schema.cache_clear()
+    for cached in (stacschema.validator, stacschema.registry, stacschema.shipped_schema):
+        cached.cache_clear()
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("validation tried the network")
