@@ -22,7 +22,6 @@ from rasterkube.constants import Kind
 from rasterkube.jobs import run_job
 from rasterkube.jobs.context import JobRequest
 from rasterkube.mosaic import localstac
-from rasterkube.vectorize import service as vectorize_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_session")]
 
@@ -170,29 +169,35 @@ def test_mosaic_items_name_their_scenes_and_the_index_has_a_collection(tmp_path:
     validate_tree(report.catalog)
 
 
-def test_a_failed_rerun_leaves_no_item_claiming_a_missing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_rerun_leaves_no_item_describing_another_runs_file(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """The old item is removed before new files are committed, the new one after them: a run
-    that fails in between leaves the old file without an item, never an item without its
-    file or describing another run's file."""
+    that fails in between leaves a file without an item, never an item that claims a missing
+    file or describes another run's file."""
+    import geopandas as gpd
+
     src = write_store(str(tmp_path / "src.zarr"), random_series(1, 1, 24, 24, seed=1), chunk=8, bands=["a"])
     out = str(tmp_path / "v.parquet")
     first = request(Kind.VECTORIZATION, out, {"features": ["a"], "threshold": 0.0}, src)
     run_job(first)
     assert provenance.read(out + ".stac-item.json")["properties"]["rasterkube:run_id"] == first.run_id
+    n_first = len(gpd.read_parquet(out))
 
     def fail(*args: Any, **kwargs: Any) -> None:
-        raise OSError("disk full")
+        raise OSError("connection reset")
 
-    monkeypatch.setattr(vectorize_service, "write_geoparquet", fail)
-    with pytest.raises(OSError, match="disk full"):
-        run_job(request(Kind.VECTORIZATION, out, {"features": ["a"], "threshold": 1.0}, src))
-    assert os.path.exists(out) and not os.path.exists(out + ".stac-item.json")
+    # The new GeoParquet is committed, then writing its item fails.
+    monkeypatch.setattr(provenance, "commit_json", fail)
+    with pytest.raises(OSError, match="connection reset"):
+        run_job(request(Kind.VECTORIZATION, out, {"features": ["a"], "threshold": 1e9}, src))
+    assert len(gpd.read_parquet(out)) == 0 < n_first and not os.path.exists(out + ".stac-item.json")
     monkeypatch.undo()
-    second = request(Kind.VECTORIZATION, out, {"features": ["a"], "threshold": 1.0}, src)
+    second = request(Kind.VECTORIZATION, out, {"features": ["a"], "threshold": 1e9}, src)
     run_job(second)
     item = provenance.read(out + ".stac-item.json")
     assert item["properties"]["rasterkube:run_id"] == second.run_id
     assert item["properties"]["rasterkube:spec_hash"] == spec_hash(second) != spec_hash(first)
+    assert item["properties"]["rasterkube:feature_count"] == 0
 
 
 def test_provenance_and_catalog_on_s3(s3: str) -> None:
