@@ -16,7 +16,7 @@ from pystac.errors import STACValidationError
 from shapely.geometry import Point, shape
 
 from helpers.stores import UTM33, grid, random_series, write_store
-from rasterkube import catalog, provenance, stacschema, storage
+from rasterkube import catalog, cli, provenance, stacschema, storage
 from rasterkube.api import RESOURCE_MODELS
 from rasterkube.constants import Kind
 from rasterkube.grid import GeoGrid
@@ -299,7 +299,8 @@ def _vector_output(root: Path, name: str) -> str:
     return uri
 
 
-def test_catalog_links_every_item_and_reports_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_catalog_links_every_item_and_reports_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     root = tmp_path / "root"
     a = write_store(str(root / "team-a" / "prediction" / "a.zarr"), random_series(3, 2, 40, 30))
     provenance.write_into_store(a, raster_item())
@@ -325,16 +326,22 @@ def test_catalog_links_every_item_and_reports_the_rest(tmp_path: Path, monkeypat
     items = {i.id: i for i in cat.get_items()}
     assert items["prediction-team-a-r1"].assets["data"].get_absolute_href() == a
     assert items["vectorization-v.parquet"].assets["data"].get_absolute_href() == vec
+    # The command: the same catalog, exit 1 for the invalid item it left out.
+    assert cli.main(["catalog", str(root)]) == cli.EXIT_FAILED
+    assert "not linked, invalid: " + provenance.store_item_uri(bad) in capsys.readouterr().err
+
     # pystac's own walk of the catalog and its items, with the shipped schemas.
     monkeypatch.setattr(pystac.validation.RegisteredValidator, "_validator", stacschema.validator())
     pystac.validation.validate_all_dict(json.loads(Path(report.catalog).read_text()), report.catalog)
 
 
-def test_catalog_of_a_missing_root_is_a_user_error(tmp_path: Path) -> None:
+def test_catalog_of_a_missing_root_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from rasterkube.errors import UserError
 
     with pytest.raises(UserError, match="ROOT"):
         catalog.build(str(tmp_path / "nope"))
+    assert cli.main(["catalog", str(tmp_path / "nope")]) == cli.EXIT_USER_ERROR
+    assert capsys.readouterr().err.startswith(f"error: ROOT: {tmp_path / 'nope'} does not exist")
     assert not (tmp_path / "nope").exists()
 
 
