@@ -102,6 +102,16 @@ def cmd_multiscales(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from rasterkube import catalog
+
+    report = catalog.build(args.root, out=args.out, catalog_id=args.id)
+    print(json.dumps(report.to_dict(), indent=2))
+    for problem in report.invalid:
+        print(f"error: not linked, invalid: {problem}", file=sys.stderr)
+    return EXIT_FAILED if report.invalid else EXIT_OK
+
+
 def cmd_view(args: argparse.Namespace) -> int:
     from rasterkube import viewer
 
@@ -218,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("store", help="store URI (local path or s3://…)")
     ms.add_argument("--min-size", type=int, help="stop when the smaller side is at most this many px (default 256)")
     ms.set_defaults(fn=cmd_multiscales)
+
+    cat = sub.add_parser("catalog", help="write a static STAC catalog linking the provenance of every output under ROOT")
+    cat.add_argument("root", help="storage root (local path or s3://…), e.g. the --storage-root of `rasterkube run`")
+    cat.add_argument("--out", help="where to write the catalog (default: ROOT/catalog.json)")
+    cat.add_argument("--id", default="rasterkube", help="catalog id (default: %(default)s)")
+    cat.set_defaults(fn=cmd_catalog)
 
     view = sub.add_parser("view", help="a local map of GeoZarr stores, GeoParquet and PMTiles (MapLibre, no basemap)")
     view.add_argument("paths", nargs="+", metavar="STORE_OR_PARQUET",

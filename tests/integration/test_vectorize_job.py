@@ -13,7 +13,7 @@ import shapely
 from scipy import ndimage
 
 from helpers.stores import UTM33, grid, write_store
-from rasterkube import geozarr
+from rasterkube import geozarr, provenance
 from rasterkube.errors import UserError
 from rasterkube.jobs import run_job
 from rasterkube.jobs.context import JobRequest
@@ -162,7 +162,9 @@ def test_rerun_replaces_output_atomically(tmp_path: Path) -> None:
     first = len(gpd.read_parquet(out))
     run_job(request(src, str(out), features=["a"], threshold=1e9))
     assert first > 0 and len(gpd.read_parquet(out)) == 0
-    assert [p.name for p in out.parent.iterdir()] == ["f.parquet"]  # no temporary left behind
+    # no temporary left behind; the item beside the file is the second run's
+    assert sorted(p.name for p in out.parent.iterdir()) == ["f.parquet", "f.parquet.stac-item.json"]
+    assert provenance.read(str(out) + ".stac-item.json")["properties"]["rasterkube:feature_count"] == 0
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from rasterkube import geozarr, multiscale
+from rasterkube import geozarr, multiscale, provenance
 from rasterkube.api import ChangeScore, ChangeScoreSpec
 from rasterkube.api.kinds import ChangeMethod, Distance, Selector
 from rasterkube.change import clustering, scores
@@ -32,6 +32,7 @@ from rasterkube.runtime.progress import Reporter, ScaledReporter
 
 # Pixels scored at once inside a block: bounds the (T, T, N) float64 distance matrix.
 STRIP_PIXELS: Final = 65_536
+OUT_DTYPE: Final = "float32"
 MIN_TIME_STEPS: Final = 2
 # Progress: blocks are most of the work; consolidating and committing the output the rest.
 SAMPLE_PERCENT: Final = 5
@@ -210,6 +211,13 @@ def fit_clusters(spec: ChangeScoreSpec, info: geozarr.StoreInfo, band_idx: list[
     return clustering.fit_model(samples, spec.distance, k, spec.clustering.method, seed=SAMPLE_SEED)
 
 
+def lineage(spec: ChangeScoreSpec, source_uri: str) -> str:
+    """processing:lineage: the scores and the input, in a sentence."""
+    zscore = " with robust time z-scores" if spec.robust_time_zscore else ""
+    return (f"per-pixel change scores ({', '.join(map(str, spec.methods))}; {spec.distance} distance{zscore}) "
+            f"of the time series {source_uri}")  # fmt: skip
+
+
 def run(
     resource: ChangeScore, ctx: JobContext, reporter: Reporter, prepared: tuple[geozarr.StoreInfo, list[int], Window]
 ) -> JobResult:
@@ -225,6 +233,11 @@ def run(
     blocks_lo = SAMPLE_PERCENT if model is not None else 0
     blocks_hi = MULTISCALE_PERCENT if spec.output.multiscales else BLOCKS_PERCENT
     out_grid = info.grid.window(window)
+    item = provenance.validated(provenance.raster_item(  # before anything is written
+        provenance.from_source_store(resource, request, lineage(spec, request.source_uri)),
+        provenance.item_id(resource.kind, resource.namespace, resource.name),
+        provenance.RasterOutput(out_grid, info.times, tuple(names), OUT_DTYPE, title="change scores"),
+    ))
     stage = open_stage(resource, request.output_uri, source=source_version(request))
     attrs: dict[str, Any] = {"rasterkube:kind": resource.kind, "rasterkube:source": request.source_uri}
     if model is not None:
@@ -234,7 +247,7 @@ def run(
         out_grid,
         info.times,
         names,
-        dtype="float32",
+        dtype=OUT_DTYPE,
         chunk_size=info.chunks[2],
         attrs=attrs,
         write=not stage.resumed,
@@ -273,6 +286,7 @@ def run(
             multiscales=spec.output.multiscales,
             pyramid_percent=(MULTISCALE_PERCENT, BLOCKS_PERCENT),
             commit_percent=COMMIT_PERCENT,
+            item=item,
             num_cpus=spec.resources.cpus,
             max_in_flight=ctx.max_in_flight,
         )

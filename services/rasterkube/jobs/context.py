@@ -108,16 +108,18 @@ def commit_store(
     multiscales: bool,
     pyramid_percent: tuple[float, float],
     commit_percent: float | None,
+    item: dict[str, Any],
     num_cpus: float = 1.0,
     max_in_flight: int | None = None,
 ) -> list[Any] | None:
     """Finish a raster output staged at ``stage``: its ledger removed (the blocks are done),
-    the pyramid if asked for (built before the commit, so it is committed atomically with the
-    data), consolidated metadata, commit.
+    the pyramid if asked for, its STAC ``item`` (:mod:`rasterkube.provenance`), consolidated
+    metadata, commit. The pyramid and the item are written into the staging store, so the
+    commit publishes them with the data.
 
     Returns the pyramid's level grids (None without multiscales). ``commit_percent=None``
     leaves the commit's progress to the caller (a Mosaic commits one store per AOI row)."""
-    from rasterkube import geozarr, multiscale
+    from rasterkube import geozarr, multiscale, provenance
 
     tmp_uri = stage.uri
     stage.seal()
@@ -128,6 +130,7 @@ def commit_store(
         )
     if commit_percent is not None:
         reporter.progress(commit_percent, "committing output")
+    provenance.write_into_store(tmp_uri, item)
     geozarr.finalize(tmp_uri)
     storage.commit(tmp_uri, final_uri)
     if commit_percent is not None:

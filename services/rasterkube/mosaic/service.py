@@ -37,7 +37,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from rasterkube import geozarr, storage
+from rasterkube import geozarr, provenance, storage
 from rasterkube.api.kinds import Mosaic, MosaicSpec
 from rasterkube.errors import UserError
 from rasterkube.grid import GeoGrid, Window
@@ -50,6 +50,7 @@ from rasterkube.runtime.executor import run_blocks
 from rasterkube.runtime.progress import Reporter, ScaledReporter
 
 COUNT_VAR: Final = "count"
+OUT_DTYPE: Final = "float32"
 TIME_END_COORD: Final = "time_end"
 INDEX_FILE: Final = "index.parquet"
 STORE_SUFFIX: Final = ".zarr"
@@ -286,15 +287,45 @@ def scenes_digest(scenes: Sequence[stac.Scene]) -> str:
     return hashlib.sha256("\n".join(s.id for s in scenes).encode()).hexdigest()
 
 
+def lineage(plan: MosaicPlan, spec: MosaicSpec, n_scenes: int) -> str:
+    """processing:lineage: the recipe, the windows and the scenes, in a sentence."""
+    window = f"per {spec.time.window} window" if spec.time.window else "over the whole period"
+    return (f"{plan.recipe.dataset} composite ({plan.recipe.method} of cloud-masked observations {window}, "
+            f"{spec.time.start}..{spec.time.end}) of {n_scenes} scenes of {plan.recipe.collection} "
+            f"from {plan.catalog}")  # fmt: skip
+
+
+def row_item(plan: MosaicPlan, row: RowPlan, spec: MosaicSpec, resource: Mosaic, run_id: str) -> dict[str, Any]:
+    """The STAC item of one store: its scenes are the sources (ids, and links to their items)."""
+    prov = provenance.Provenance.of(resource, run_id, lineage(plan, spec, len(row.scenes)), sources=(plan.catalog,),
+                                    source_items=[s.id for s in row.scenes],
+                                    derived_from=[s.href for s in row.scenes if s.href])  # fmt: skip
+    multi = plan.index_uri is not None
+    key = row.key if multi else None
+    # STAC's end_datetime is inclusive; a window ends just before its (exclusive) end.
+    end = np.datetime64(plan.windows[-1][1], "s") - np.timedelta64(1, "s")
+    starts = np.array([w[0] for w in plan.windows], dtype="datetime64[s]")
+    bands = tuple(plan.recipe.label(b) for b in plan.band_ids)
+    described = provenance.RasterOutput(row.grid, starts, bands, OUT_DTYPE, end=end,
+                                        title=f"{plan.recipe.dataset} composites",
+                                        properties={provenance.ROW: key} if multi else {})  # fmt: skip
+    collection = provenance.item_id(resource.kind, resource.namespace, resource.name) if multi else None
+    item = provenance.raster_item(prov, provenance.item_id(resource.kind, resource.namespace, resource.name, key),
+                                  described, collection=collection)  # fmt: skip
+    return provenance.validated(item)
+
+
 def _write_store(plan: MosaicPlan, row: RowPlan, spec: MosaicSpec, resource: Mosaic, ctx: JobContext,
-                 reporter: Reporter) -> dict[str, Any]:  # fmt: skip
-    """Composite one AOI row into its store (temporary prefix, committed at the end)."""
+                 reporter: Reporter) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Composite one AOI row into its store (staged, committed at the end); returns its
+    summary and its STAC item."""
+    item = row_item(plan, row, spec, resource, ctx.request.run_id)  # before anything is written
     stage = open_stage(resource, row.output_uri, catalog=plan.catalog, scenes=scenes_digest(row.scenes))
     tmp = stage.uri
     starts = np.array([w[0] for w in plan.windows], dtype="datetime64[s]")
     ends = np.array([w[1] for w in plan.windows], dtype="datetime64[s]")
     out = geozarr.create(
-        tmp, row.grid, starts, [plan.recipe.label(b) for b in plan.band_ids], dtype="float32",
+        tmp, row.grid, starts, [plan.recipe.label(b) for b in plan.band_ids], dtype=OUT_DTYPE,
         chunk_size=spec.chunk_size,
         attrs={"rasterkube:kind": resource.kind, "rasterkube:dataset": plan.recipe.dataset,
                "rasterkube:stac": plan.catalog, "rasterkube:scenes": [s.id for s in row.scenes],
@@ -323,14 +354,14 @@ def _write_store(plan: MosaicPlan, row: RowPlan, spec: MosaicSpec, resource: Mos
             message=f"compositing blocks of {row.key}", ledger=stage.ledger, finished=stage.finished,
         )  # fmt: skip
         pyramid = commit_store(stage, row.output_uri, reporter, multiscales=spec.output.multiscales,
-                               pyramid_percent=(MULTISCALE_FROM, 100), commit_percent=None,
+                               pyramid_percent=(MULTISCALE_FROM, 100), commit_percent=None, item=item,
                                num_cpus=spec.resources.cpus, max_in_flight=ctx.max_in_flight)  # fmt: skip
         levels = len(pyramid) if pyramid is not None else 1
     except UserError:
         stage.discard()  # the same spec would fail the same way: nothing to resume
         raise
     # Any other failure (a fault, an interrupt) keeps the staging: the next run resumes it.
-    return {
+    summary = {
         "shape": list(out.shape),
         "bands": list(out.bands),
         "times": [str(t) for t in out.times.astype("datetime64[D]")],
@@ -342,6 +373,7 @@ def _write_store(plan: MosaicPlan, row: RowPlan, spec: MosaicSpec, resource: Mos
         "observations": int(sum(observations)),
         "levels": levels,
     }
+    return summary, item
 
 
 def _write_index(plan: MosaicPlan, summaries: Sequence[dict[str, Any]], run_id: str) -> None:
@@ -361,21 +393,37 @@ def _write_index(plan: MosaicPlan, summaries: Sequence[dict[str, Any]], run_id: 
     storage.commit_file(lambda path: frame.to_parquet(path, write_covering_bbox=True), plan.index_uri, run_id)
 
 
+def index_collection(plan: MosaicPlan, resource: Mosaic, items: Sequence[dict[str, Any]], run_id: str) -> dict[str, Any]:
+    """The STAC Collection of a mosaic index: the item of every row store, the index as asset."""
+    scenes = len({s.id for r in plan.rows for s in r.scenes})
+    prov = provenance.Provenance.of(resource, run_id, lineage(plan, resource.spec, scenes), sources=(plan.catalog,))
+    rows = [(f"./{r.key}{STORE_SUFFIX}/{provenance.ITEM_FILE}", item) for r, item in zip(plan.rows, items, strict=True)]
+    return provenance.index_collection(prov, provenance.item_id(resource.kind, resource.namespace, resource.name),
+                                       rows, INDEX_FILE)  # fmt: skip
+
+
 def run(resource: Mosaic, ctx: JobContext, reporter: Reporter, plan: MosaicPlan) -> JobResult:
     spec = resource.spec
+    base = storage.normalize(ctx.request.output_uri)
     if plan.index_uri is not None:
-        storage.remove(plan.index_uri)  # the old index must not vouch for stores being replaced
-    summaries = []
+        # The old index and its collection must not vouch for stores being replaced.
+        storage.remove(provenance.collection_uri(base))
+        storage.remove(plan.index_uri)
+    summaries, items = [], []
     share = BLOCKS_PERCENT / len(plan.rows)
     for i, row in enumerate(plan.rows):
         row_reporter = ScaledReporter(reporter, i * share, (i + 1) * share)
-        summaries.append(_write_store(plan, row, spec, resource, ctx, row_reporter))
+        summary, item = _write_store(plan, row, spec, resource, ctx, row_reporter)
+        summaries.append(summary)
+        items.append(item)
     reporter.progress(COMMIT_PERCENT, "outputs committed")
-    base = storage.normalize(ctx.request.output_uri)
     if plan.index_uri is None:
         reporter.progress(100, "output committed")
         return JobResult(uri=base, summary={"dataset": plan.recipe.dataset, **summaries[0]})
     _write_index(plan, summaries, ctx.request.run_id)
+    # After the index: the collection claims it as its asset.
+    provenance.commit_json(provenance.collection_uri(base), index_collection(plan, resource, items, ctx.request.run_id),
+                           ctx.request.run_id)  # fmt: skip
     reporter.progress(100, "mosaic index committed")
     return JobResult(
         uri=base,

@@ -50,6 +50,7 @@ class Scene:
     cloud_cover: float | None = None
     geometry: Mapping[str, Any] | None = None  # GeoJSON, EPSG:4326
     properties: Mapping[str, Any] = field(default_factory=dict)
+    href: str | None = None  # the STAC item's own URL or path (provenance links to it)
 
 
 def _utc_seconds(value: dt.datetime) -> np.datetime64:
@@ -75,6 +76,7 @@ def scene_from_item(item: Any) -> Scene:
         cloud_cover=None if cloud is None else float(cloud),
         geometry=item.geometry,
         properties={k: props[k] for k in KEPT_PROPERTIES if k in props},
+        href=item.get_self_href(),
     )
 
 

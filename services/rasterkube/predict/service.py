@@ -14,7 +14,7 @@ from typing import Final
 import numpy as np
 import ray
 
-from rasterkube import geozarr
+from rasterkube import geozarr, provenance
 from rasterkube.api import Prediction, PredictionSpec
 from rasterkube.api.kinds import DeviceKind, MergeMode
 from rasterkube.constants import DATA_VAR
@@ -207,6 +207,12 @@ def serve_config(spec: PredictionSpec, prepared: Prepared) -> serving.ServeConfi
     )
 
 
+def lineage(spec: PredictionSpec, prepared: Prepared, source_uri: str) -> str:
+    """processing:lineage: the model (by content) and the input, in a sentence."""
+    return (f"{spec.model.actor} model {spec.model.uri} (sha256 {prepared.fetched.sha256}) applied to "
+            f"{', '.join(spec.model.features)} of {source_uri} in {spec.patch_size} px patches ({spec.merge_mode} merge)")  # fmt: skip
+
+
 def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Prepared) -> JobResult:
     spec, request = resource.spec, ctx.request
     assert request.source_uri is not None
@@ -255,6 +261,14 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
             out_uri=stage.uri,
         )
         blocks = plan_blocks(info.grid.shape, out.chunks[2:], spec.xy_block_multiplier)
+        item = provenance.validated(provenance.raster_item(
+            provenance.from_source_store(resource, request, lineage(spec, prepared, request.source_uri),
+                                         model_uri=spec.model.uri, model_sha256=prepared.fetched.sha256),  # fmt: skip
+            provenance.item_id(resource.kind, resource.namespace, resource.name),
+            # A change-detection step spans its whole input series: the item's interval too.
+            provenance.RasterOutput(info.grid, out.times, out.bands, str(out.dtype), title="model predictions",
+                                    end=info.times.max() if plan.time_stacked else None),  # fmt: skip
+        ))
         patches = run_blocks(
             predict_block,
             blocks,
@@ -275,6 +289,7 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
             multiscales=spec.output.multiscales,
             pyramid_percent=(MULTISCALE_PERCENT, BLOCKS_PERCENT),
             commit_percent=COMMIT_PERCENT,
+            item=item,
             max_in_flight=ctx.max_in_flight,
         )
     except UserError:

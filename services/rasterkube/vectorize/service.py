@@ -38,8 +38,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from rasterkube import geozarr, storage
-from rasterkube.api.kinds import Vectorization, VectorizeMethod
+from rasterkube import geozarr, provenance, storage
+from rasterkube.api.kinds import Vectorization, VectorizationSpec, VectorizeMethod
 from rasterkube.constants import DATA_VAR
 from rasterkube.errors import UserError
 from rasterkube.grid import Window
@@ -265,6 +265,9 @@ def run(
     result = summary(table, spec.features, info, blocks, spec.output.crs)
     if not table.num_rows:
         result["note"] = empty_note(outputs, spec.features, spec.threshold, spec.min_area)
+    item = output_item(resource, request, info, table.num_rows)  # before any file: a bad item writes nothing
+    # The old item goes first and the new one is committed after the last file (provenance).
+    storage.remove(provenance.file_item_uri(request.output_uri))
     if spec.output.pmtiles:
         from rasterkube.vectorize import tiles
 
@@ -276,8 +279,38 @@ def run(
         storage.commit_file(lambda path: stats.update(tiles.write_pmtiles(polygons, path, size)), uri, request.run_id)
         result["pmtiles"] = {"uri": uri, **stats}
     write_geoparquet(table, request.output_uri, request.run_id)
+    provenance.commit_json(provenance.file_item_uri(request.output_uri), item, request.run_id)
     reporter.progress(100.0, f"wrote {table.num_rows} features")
     return JobResult(uri=request.output_uri, summary=result)
+
+
+def lineage(spec: VectorizationSpec, source_uri: str) -> str:
+    """processing:lineage: what was polygonized, in a sentence."""
+    features = ", ".join(spec.features)
+    return (f"polygons ({spec.connectivity}-connected) of the pixels above {spec.threshold:g} in {features} of "
+            f"{source_uri}")  # fmt: skip
+
+
+def _filename(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def output_item(resource: Vectorization, request: JobRequest, info: geozarr.StoreInfo, n_features: int) -> dict[str, Any]:
+    """The STAC item of the GeoParquet (and the PMTiles archive beside it), validated."""
+    spec = resource.spec
+    assert request.source_uri is not None
+    files = [provenance.FileAsset(provenance.ASSET_DATA, _filename(request.output_uri), provenance.PARQUET_TYPE,
+                                  spec.output.crs, "polygons (GeoParquet 1.1)")]  # fmt: skip
+    if spec.output.pmtiles:
+        files.append(provenance.FileAsset(provenance.ASSET_PMTILES, _filename(pmtiles_uri(request.output_uri)),
+                                          provenance.PMTILES_TYPE, provenance.WEB_MERCATOR, "vector tiles (PMTiles)",
+                                          roles=("visual",)))  # fmt: skip
+    item = provenance.vector_item(
+        provenance.from_source_store(resource, request, lineage(spec, request.source_uri)),
+        provenance.item_id(resource.kind, resource.namespace, resource.name), info.grid, info.times, files,
+        properties={provenance.FEATURE_COUNT: int(n_features)},
+    )
+    return provenance.validated(item)
 
 
 def empty_note(outputs: list[BlockOutput], labels: list[str], threshold: float, min_area: float) -> str:
