@@ -232,6 +232,18 @@ class RayCluster:
                 os.kill(pid, signal.SIGKILL)
         return pids
 
+    def restart_nodes(self) -> None:
+        """Every Ray node stopped (what is left of them killed) and started again: a new cluster
+        on the same addresses and the same S3, as after a head lost and brought back."""
+        for role in reversed(self.node_roles):
+            processes.stop_detached(self.pid_file(role), timeout_s=STOP_TIMEOUT_S)
+            self.kill(role)
+        for role in self.node_roles:
+            self._start_node(role)
+            if role == HEAD:
+                self._wait_nodes(1)
+        self._wait_nodes(len(self.node_roles))
+
     def stop(self) -> None:
         """Stop every node, the S3 server and remove the namespaces and temp dirs (idempotent)."""
         for role in reversed(self.node_roles):
