@@ -5,25 +5,58 @@ end. On a local filesystem the commit is a rename. On object stores (no rename) 
 output is removed, every object is copied, and the root ``zarr.json`` — which holds the
 consolidated metadata and is what every reader opens first — is copied last, so a store
 is only openable once it is complete. The temporary prefix is then deleted.
+
+Stray state (a run killed at any point, two runs at once on one machine)
+-----------------------------------------------------------------------
+* A run *stages* its output (:func:`stage`): the temporary sibling ``.<name>.tmp-<run id>`` is
+  claimed with a lock file beside it, held for as long as the run's process lives. Any later
+  stage or commit of the same output removes the siblings whose lock is free — their run is
+  dead, whatever killed it — and leaves those of live runs alone.
+* Commits of one output are serialized by a lock on the output (beside it; for object stores
+  in the local cache, so it serializes the runs of this machine only).
+* A local commit is two renames: the old output to ``.<name>.old-<run id>``, the staged one to
+  the final name. A run killed between them leaves no output; the next stage or commit of it,
+  or :func:`recover`, finishes that commit (the staged copy was whole: only a finalized store
+  is committed), or puts the old output back if the staged copy is gone.
+* Object stores have no locks that outlive a process: a temporary prefix there is stale when
+  nothing under it changed for :data:`REMOTE_STALE_AFTER_S` (a live run writes chunks all the
+  time); a commit killed mid-copy leaves the output without its root metadata, which does
+  not open, and the next commit of it replaces it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
+import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
 import fsspec
+from filelock import FileLock
 from fsspec.implementations.local import LocalFileSystem
+
+from rasterkube import locks
 
 ROOT_METADATA: Final = "zarr.json"
 TMP_MARKER: Final = ".tmp-"
 OLD_MARKER: Final = ".old-"
 ENV_S3_ENDPOINT: Final = "AWS_ENDPOINT_URL"
+# A temporary prefix on an object store with nothing written under it for this long belongs to
+# a dead run (runs write chunks continuously; a day is far beyond any pause in one).
+REMOTE_STALE_AFTER_S: Final = 24 * 3600
+COMMIT_LOCKS_DIR: Final = "locks"
+
+log = logging.getLogger(__name__)
+
+# Temporary siblings this process is writing, with the lock that tells other processes so.
+_claims: dict[str, FileLock] = {}
 
 
 def storage_options(uri: str) -> dict[str, Any]:
@@ -62,6 +95,174 @@ def temporary_uri(final_uri: str, run_id: str | None = None) -> str:
     return _sibling(final_uri, TMP_MARKER, run_id or uuid.uuid4().hex[:12])
 
 
+def _is_local(uri: str) -> bool:
+    return "://" not in uri
+
+
+def stage(final_uri: str, run_id: str | None = None) -> str:
+    """The temporary sibling to write ``final_uri`` into, claimed by this process.
+
+    Leftovers of dead runs beside ``final_uri`` are cleaned first (and a commit a dead run left
+    half done is finished), so a killed run never leaves the next one stray state. The claim
+    ends with :func:`commit` or :func:`remove` of the returned URI, or with the process."""
+    final = normalize(final_uri)
+    tmp = temporary_uri(final, run_id)
+    _claim(tmp)
+    recover(final)
+    _remove_path(tmp)  # a previous attempt with the same run id may have left a partial prefix
+    return tmp
+
+
+def _claim(tmp: str) -> None:
+    if not _is_local(tmp) or tmp in _claims:
+        return  # object stores: no lock outlives a process there (age rule in _sweep_remote)
+    lock = locks.try_hold(tmp + locks.LOCK_SUFFIX)
+    if lock is None:
+        raise RuntimeError(f"{tmp} is being written by another live run with the same run id")
+    _claims[tmp] = lock
+
+
+def _release(tmp: str) -> None:
+    lock = _claims.pop(tmp, None)
+    if lock is not None:
+        locks.drop(lock)
+
+
+def _commit_lock_path(final: str) -> str:
+    """Beside a local output (every process that sees the output sees the lock); in the local
+    cache for object stores (there it serializes this machine's runs only)."""
+    if _is_local(final):
+        parent, name = os.path.split(final)
+        return os.path.join(parent, f".{name}{locks.LOCK_SUFFIX}")
+    from rasterkube.sampledata import cache_dir
+
+    key = hashlib.sha256(final.encode()).hexdigest()[:32]
+    return str(cache_dir() / COMMIT_LOCKS_DIR / f"commit-{key}{locks.LOCK_SUFFIX}")
+
+
+@contextmanager
+def _commit_lock(final: str) -> Iterator[None]:
+    with locks.held(_commit_lock_path(final)):
+        yield
+
+
+def recover(final_uri: str, *, stale_after_s: float = REMOTE_STALE_AFTER_S) -> None:
+    """Clean what dead runs left beside ``final_uri`` and finish a commit one left half done.
+
+    Cheap when there is nothing to do (one directory listing); locks only when there is."""
+    final = normalize(final_uri)
+    if not _is_local(final):
+        _sweep_remote(final, stale_after_s)
+        return
+    parent, name = os.path.split(final)
+    if not _stray_local(parent, name):
+        return
+    try:
+        with _commit_lock(final):
+            _recover_local(parent, name)
+    except PermissionError as exc:  # a read-only source directory: nothing of ours to clean there
+        log.warning("cannot clean stale siblings of %s: %s", final, exc)
+
+
+def _listdir(parent: str) -> list[str]:
+    try:
+        return os.listdir(parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _stray_local(parent: str, name: str) -> list[str]:
+    prefixes = (f".{name}{TMP_MARKER}", f".{name}{OLD_MARKER}")
+    return [e for e in _listdir(parent) if e.startswith(prefixes) and os.path.join(parent, e) not in _claims]
+
+
+def _remove_path(path: str) -> None:
+    if _is_local(path):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        return
+    fs, p = filesystem(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+def _recover_local(parent: str, name: str) -> None:
+    """With the output's commit lock held: no commit of it is in progress in any live process."""
+    _finish_interrupted_commit(parent, name)
+    _sweep_dead_siblings(parent, name)
+
+
+def _finish_interrupted_commit(parent: str, name: str) -> None:
+    final = os.path.join(parent, name)
+    tmp_prefix, old_prefix = f".{name}{TMP_MARKER}", f".{name}{OLD_MARKER}"
+    for entry in sorted(_listdir(parent)):
+        if not entry.startswith(old_prefix):
+            continue
+        old = os.path.join(parent, entry)
+        if not os.path.lexists(final):
+            # Killed between the two renames of a commit. The staged copy of that run (same
+            # token) was whole — only finalized stores are committed — so finish the commit;
+            # if it is gone too, put the old output back.
+            staged = os.path.join(parent, tmp_prefix + entry[len(old_prefix) :])
+            if os.path.exists(os.path.join(staged, ROOT_METADATA)):
+                log.warning("finishing the commit of %s that a killed run left half done", final)
+                os.rename(staged, final)
+            else:
+                log.warning("restoring %s, which a killed run's commit had moved aside", final)
+                os.rename(old, final)
+                continue
+        _remove_path(old)
+
+
+def _sweep_dead_siblings(parent: str, name: str) -> None:
+    """Remove the temporary siblings (and their lock files) whose run is not alive."""
+    tmp_prefix = f".{name}{TMP_MARKER}"
+    for entry in sorted(_listdir(parent)):
+        if not entry.startswith(tmp_prefix):
+            continue
+        path = os.path.join(parent, entry)
+        target = path.removesuffix(locks.LOCK_SUFFIX)
+        if target in _claims:
+            continue  # this process is writing it
+        lock = locks.try_hold(target + locks.LOCK_SUFFIX)
+        if lock is None:
+            continue  # a live run is writing it
+        try:
+            if os.path.lexists(target):
+                log.info("removing %s, left by a run that is no longer alive", target)
+                _remove_path(target)
+        finally:
+            locks.drop(lock)
+
+
+def _sweep_remote(final: str, stale_after_s: float) -> None:
+    fs, path = filesystem(final)
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    prefix = f".{name}{TMP_MARKER}"
+    try:
+        fs.invalidate_cache(parent)
+        entries = [e for e in fs.ls(parent, detail=False) if posixpath.basename(e.rstrip("/")).startswith(prefix)]
+    except FileNotFoundError:
+        return
+    now = time.time()
+    for entry in entries:
+        newest = max((_mtime(info) for info in fs.find(entry, detail=True, withdirs=False).values()), default=None)
+        if newest is None:
+            newest = _mtime(fs.info(entry))
+        if newest is not None and now - newest > stale_after_s:
+            log.info("removing %s: nothing was written under it for %.0f s", entry, now - newest)
+            fs.rm(entry, recursive=True)
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    value = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+    if value is None:
+        return None
+    return value.timestamp() if hasattr(value, "timestamp") else float(value)
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return bool(fs.exists(path))
@@ -74,9 +275,11 @@ def is_committed(uri: str) -> bool:
 
 
 def remove(uri: str) -> None:
+    """Delete ``uri`` (and end this process's claim on it, if it is a staged sibling)."""
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+    _release(normalize(uri))
 
 
 def commit(tmp_uri: str, final_uri: str) -> None:
@@ -85,18 +288,29 @@ def commit(tmp_uri: str, final_uri: str) -> None:
     _, final = filesystem(final_uri)
     if not fs.exists(posixpath.join(tmp, ROOT_METADATA)):
         raise RuntimeError(f"refusing to commit {tmp_uri}: it has no {ROOT_METADATA}")
-    if isinstance(fs, LocalFileSystem):
-        _commit_by_rename(fs, tmp, final)
-    else:
-        _commit_by_copy(fs, tmp, final)
+    local = isinstance(fs, LocalFileSystem)
+    if local:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+    # One commit of an output at a time: two renames (or copies) of concurrent runs would
+    # otherwise interleave (a rename onto a non-empty directory fails; copies would mix).
+    with _commit_lock(final if local else normalize(final_uri)):
+        if local:
+            _finish_interrupted_commit(*os.path.split(final))  # one a killed run left half done
+            _commit_by_rename(fs, tmp, final)
+        else:
+            _commit_by_copy(fs, tmp, final)
+    _release(normalize(tmp_uri))
 
 
 def _commit_by_rename(fs: fsspec.AbstractFileSystem, tmp: str, final: str) -> None:
     old = None
     if os.path.exists(final):
-        old = _sibling(final, OLD_MARKER, uuid.uuid4().hex[:12])
+        # Named after the staged copy's token, so a run killed between the two renames leaves
+        # enough for the next one to finish the commit (_finish_interrupted_commit).
+        name = os.path.basename(tmp)
+        token = name.split(TMP_MARKER, 1)[1] if TMP_MARKER in name else uuid.uuid4().hex[:12]
+        old = _sibling(final, OLD_MARKER, token)
         os.rename(final, old)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
     os.rename(tmp, final)
     if old:
         fs.rm(old, recursive=True)
@@ -126,19 +340,23 @@ def commit_file(write: Callable[[str], Any], uri: str, run_id: str) -> None:
     to a hidden sibling key, then one server-side copy to the final key (a single object
     appears whole or not at all), then delete the temporary key."""
     final = normalize(uri)
-    tmp = temporary_uri(final, f"{run_id}-{uuid.uuid4().hex[:6]}")
     fs, final_path = filesystem(final)
     if "://" not in final:
         os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = stage(final, f"{run_id}-{uuid.uuid4().hex[:6]}")
         try:
             write(tmp)
-            if os.path.isdir(final):  # an older output of another shape: replace it
-                remove(final)
-            os.replace(tmp, final)
+            with _commit_lock(final):
+                if os.path.isdir(final):  # an older output of another shape: replace it
+                    _remove_path(final)
+                os.replace(tmp, final)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+            _release(tmp)
         return
+    recover(final)  # temporary keys of dead runs (age rule)
+    tmp = temporary_uri(final, f"{run_id}-{uuid.uuid4().hex[:6]}")
     _, tmp_path = filesystem(tmp)
     with tempfile.TemporaryDirectory() as local:
         path = os.path.join(local, "output")

@@ -223,8 +223,7 @@ def run(
     blocks_lo = SAMPLE_PERCENT if model is not None else 0
     blocks_hi = MULTISCALE_PERCENT if spec.output.multiscales else BLOCKS_PERCENT
     out_grid = info.grid.window(window)
-    tmp = storage.temporary_uri(request.output_uri, request.run_id)
-    storage.remove(tmp)  # a previous attempt of the same run may have left a partial prefix
+    tmp = storage.stage(request.output_uri, request.run_id)  # claimed; dead runs' leftovers cleaned
     attrs: dict[str, Any] = {"rasterkube:kind": resource.kind, "rasterkube:source": request.source_uri}
     if model is not None:
         attrs[multiscale.CATEGORICAL_BANDS_ATTR] = [clustering.LABEL_BAND]  # mode, not mean, in a pyramid

@@ -283,8 +283,7 @@ def _write_store(plan: MosaicPlan, row: RowPlan, spec: MosaicSpec, resource: Mos
                  reporter: Reporter) -> dict[str, Any]:  # fmt: skip
     """Composite one AOI row into its store (temporary prefix, committed at the end)."""
     request = ctx.request
-    tmp = storage.temporary_uri(row.output_uri, request.run_id)
-    storage.remove(tmp)  # a previous attempt of the same run may have left a partial prefix
+    tmp = storage.stage(row.output_uri, request.run_id)  # claimed; dead runs' leftovers cleaned
     starts = np.array([w[0] for w in plan.windows], dtype="datetime64[s]")
     ends = np.array([w[1] for w in plan.windows], dtype="datetime64[s]")
     out = geozarr.create(

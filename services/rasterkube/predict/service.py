@@ -210,8 +210,7 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
     assert request.source_uri is not None
     info, plan, sig = prepared.info, prepared.plan, prepared.signature
     out_times, extra_coords = actors.output_times(plan, info.times)
-    tmp = storage.temporary_uri(request.output_uri, request.run_id)
-    storage.remove(tmp)  # a previous attempt of the same run may have left a partial prefix
+    tmp = storage.stage(request.output_uri, request.run_id)  # claimed; dead runs' leftovers cleaned
     config = serve_config(spec, prepared)
     app = config.app_name(spec.serving.share_deployment, request.run_id)
     try:
