@@ -1,0 +1,164 @@
+"""Stray local state: what killed runs leave, and two runs at once on one machine.
+
+Real processes, killed with SIGKILL where the fault would strike; the next run must work, give a
+whole and correct output, and clean up what dead runs left — never what a live run is writing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers.stores import random_series, write_store, write_uncommitted
+from rasterkube import geozarr, storage
+from rasterkube.grid import Window
+
+pytestmark = pytest.mark.integration
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def python(script: str, *args: str, **popen: object) -> subprocess.Popen[str]:
+    """A Python process with the test helpers importable."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)  # type: ignore[call-overload]  # fmt: skip
+
+
+def read(uri: str) -> np.ndarray:
+    info = geozarr.describe(uri)
+    return geozarr.read_region(uri, info.data_var, Window(0, info.shape[2], 0, info.shape[3]))
+
+
+def siblings(final: Path) -> list[str]:
+    """Everything beside ``final`` that belongs to it: temporary and old copies, lock files."""
+    return sorted(e for e in os.listdir(final.parent) if e.startswith(f".{final.name}"))
+
+
+# A run staged its new output and was SIGKILLed between the two renames of the commit: the
+# old output moved aside, the new one not yet in place — no output at all.
+KILL_BETWEEN_RENAMES = """
+    import os, signal, sys
+    from helpers.stores import random_series, write_uncommitted
+    from rasterkube import storage
+
+    final = sys.argv[1]
+    tmp = write_uncommitted(storage.stage(final, "killed"), random_series(2, 1, 8, 8, seed=2), chunk=8)
+    rename = os.rename
+
+    def rename_then_die(src, dst):
+        rename(src, dst)
+        if storage.OLD_MARKER in os.path.basename(dst):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.rename = rename_then_die
+    storage.commit(tmp, final)
+"""
+
+
+@pytest.mark.parametrize("staged_copy", ["kept", "lost"])
+def test_commit_killed_between_renames_is_finished_by_the_next_run(tmp_path: Path, staged_copy: str) -> None:
+    final = tmp_path / "out.zarr"
+    old, new = random_series(2, 1, 8, 8, seed=1), random_series(2, 1, 8, 8, seed=2)
+    write_store(str(final), old, chunk=8)
+    proc = python(KILL_BETWEEN_RENAMES, str(final))
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert not final.exists(), "the kill struck between the renames"
+    assert siblings(final) == [".out.zarr.lock", ".out.zarr.old-killed", ".out.zarr.tmp-killed", ".out.zarr.tmp-killed.lock"]
+    if staged_copy == "lost":  # (as an older version's commit left it: no staged copy to finish with)
+        storage.remove(str(tmp_path / ".out.zarr.tmp-killed"))
+    tmp = storage.stage(str(final), "next")  # what the next run of this output does first
+    np.testing.assert_array_equal(read(str(final)), new if staged_copy == "kept" else old)
+    assert siblings(final) == [".out.zarr.tmp-next.lock"]  # its claim: it writes nothing yet
+    storage.remove(tmp)
+    assert siblings(final) == []
+
+
+WRITER = """
+    import sys, time
+    from helpers.stores import random_series, write_uncommitted
+    from rasterkube import storage
+
+    tmp = storage.stage(sys.argv[1], sys.argv[2])
+    write_uncommitted(tmp, random_series(2, 1, 8, 8), chunk=8)
+    print(tmp, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_leftovers_of_dead_runs_go_and_those_of_live_runs_stay(tmp_path: Path) -> None:
+    final = tmp_path / "out.zarr"
+    live, dead = python(WRITER, str(final), "live"), python(WRITER, str(final), "dead")
+    try:
+        assert live.stdout.readline().strip() == str(tmp_path / ".out.zarr.tmp-live")
+        assert dead.stdout.readline().strip() == str(tmp_path / ".out.zarr.tmp-dead")
+        dead.kill()
+        dead.wait()
+        data = random_series(2, 1, 8, 8, seed=5)
+        write_store(str(final), data, chunk=8)  # another run commits meanwhile
+        storage.recover(str(final))
+        assert siblings(final) == [".out.zarr.tmp-live", ".out.zarr.tmp-live.lock"]
+        np.testing.assert_array_equal(read(str(final)), data)
+        assert storage.is_committed(str(tmp_path / ".out.zarr.tmp-live")), "a live run's staged store is untouched"
+    finally:
+        live.kill()
+        live.wait()
+        dead.kill()
+        dead.wait()
+    storage.recover(str(final))
+    assert siblings(final) == []
+    np.testing.assert_array_equal(read(str(final)), data)
+
+
+COMMITTER = """
+    import os, sys, time
+    from helpers.stores import random_series, write_uncommitted
+    from rasterkube import storage
+
+    final, seed, n, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    data = random_series(3, 2, 16, 16, seed=seed)
+    staged = [write_uncommitted(storage.stage(final), data, chunk=8) for _ in range(n)]
+    print("ready", flush=True)
+    while not os.path.exists(go):
+        time.sleep(0.01)
+    for tmp in staged:
+        storage.commit(tmp, final)
+"""
+
+
+def test_concurrent_commits_of_one_output_are_serialized(tmp_path: Path) -> None:
+    """Two processes commit the same output over and over at the same moment: no failed
+    rename, no mixed store, nothing left beside it."""
+    final, go = tmp_path / "out.zarr", tmp_path / "go"
+    procs = [python(COMMITTER, str(final), str(seed), "25", str(go)) for seed in (1, 2)]
+    for proc in procs:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    go.touch()
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    got = read(str(final))
+    assert any(np.array_equal(got, random_series(3, 2, 16, 16, seed=s), equal_nan=True) for s in (1, 2))
+    assert siblings(final) == []
+
+
+def test_stale_temporary_prefix_on_s3_goes_by_age(s3: str) -> None:
+    """Object stores keep no lock after a process dies: a temporary prefix nothing was written
+    under for REMOTE_STALE_AFTER_S is a dead run's; a recent one may be a live run's."""
+    final = "s3://rasterkube/stray/out.zarr"
+    write_store(final, random_series(2, 1, 8, 8), chunk=8)
+    leftover = write_uncommitted(storage.temporary_uri(final, "dead"), random_series(2, 1, 8, 8), chunk=8)
+    storage.recover(final)
+    assert storage.exists(leftover), "written a moment ago: it may be a live run's"
+    time.sleep(1.5)
+    storage.recover(final, stale_after_s=1)
+    assert not storage.exists(leftover)
+    assert storage.is_committed(final)
