@@ -162,3 +162,118 @@ def test_stale_temporary_prefix_on_s3_goes_by_age(s3: str) -> None:
     storage.recover(final, stale_after_s=1)
     assert not storage.exists(leftover)
     assert storage.is_committed(final)
+
+
+# ----------------------------------------------------------------------------- `rasterkube run`
+
+RASTERKUBE = str(Path(sys.executable).with_name("rasterkube"))
+SCORE = {"difference": "difference_euclidean_distance", "looMedoid": "loo_medoid_euclidean_distance"}
+
+
+def manifest(name: str, method: str, out: str) -> str:
+    # xyBlockMultiplier 1: a block per 16-px chunk, so a run spends a while writing blocks.
+    return textwrap.dedent(f"""\
+        apiVersion: rasterkube.dev/v1alpha1
+        kind: ChangeScore
+        metadata: {{name: {name}}}
+        spec:
+          source: {{uri: src.zarr}}
+          methods: [{method}]
+          distance: euclidean
+          xyBlockMultiplier: 1
+          output: {{uri: {out}}}
+        """)
+
+
+def expected(source: np.ndarray, method: str) -> np.ndarray:
+    """The score computed in this process by the pure functions (the oracle for the job's output)."""
+    from rasterkube.change import scores
+
+    t, b, h, w = source.shape
+    score = scores.difference if method == "difference" else scores.loo_medoid
+    return score(source.reshape(t, b, h * w), "euclidean").reshape(t, 1, h, w)
+
+
+def check_score(uri: Path, source: np.ndarray, method: str) -> None:
+    assert list(geozarr.describe(str(uri)).bands) == [SCORE[method]]
+    np.testing.assert_allclose(read(str(uri)), expected(source, method), rtol=1e-5, equal_nan=True)
+
+
+def rasterkube_run(cwd: Path, *files: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = [a for f in files for a in ("-f", f)]
+    # Own session: the embedded Ray's processes can be found (and ended) by process group.
+    return subprocess.Popen([RASTERKUBE, "run", "-q", *args], cwd=cwd, env=env, text=True, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def end_group(proc: subprocess.Popen[str]) -> None:
+    """End what is left of a run this test started (its embedded Ray, after a kill)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    source = random_series(4, 3, 64, 64, seed=7)
+    write_store(str(tmp_path / "src.zarr"), source, chunk=16)
+    (tmp_path / "out").mkdir()
+    return tmp_path, source
+
+
+def test_run_killed_mid_write_leaves_the_next_run_working(workdir: tuple[Path, np.ndarray]) -> None:
+    """SIGKILL the `rasterkube run` process while its blocks are being written: the previous
+    output stays whole, and the next run succeeds, is correct and clears the dead run's copy."""
+    cwd, source = workdir
+    final = cwd / "out" / "score.zarr"
+    previous = random_series(4, 1, 64, 64, seed=8)
+    write_store(str(final), previous, chunk=16)
+    (cwd / "cs.yaml").write_text(manifest("score", "difference", "out/score.zarr"))
+    proc = rasterkube_run(cwd, "cs.yaml")
+    try:
+        deadline = time.monotonic() + 240
+        while not list((cwd / "out").glob(".score.zarr.tmp-*/variables/c/*")):  # a first block is written
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the run never started writing"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)  # the run's own process, as the OOM killer would
+        proc.wait()
+    finally:
+        end_group(proc)
+    assert [e for e in siblings(final) if ".tmp-" in e and not e.endswith(".lock")], "the kill left its copy"
+    np.testing.assert_array_equal(read(str(final)), previous)  # untouched by the killed run
+
+    again = rasterkube_run(cwd, "cs.yaml")
+    try:
+        out, err = again.communicate(timeout=300)
+    finally:
+        end_group(again)
+    assert again.returncode == 0, err
+    check_score(final, source, "difference")
+    assert siblings(final) == [], "the dead run's copy and lock are gone"
+
+
+def test_two_runs_at_once_on_one_machine(workdir: tuple[Path, np.ndarray]) -> None:
+    """Two `rasterkube run` at the same time, same storage, each with its own embedded Ray: one
+    output both write (different resources), one only the second writes. Both succeed and
+    every output is whole and equal to what its resource computes."""
+    cwd, source = workdir
+    (cwd / "a.yaml").write_text(manifest("shared-a", "difference", "out/shared.zarr"))
+    (cwd / "b.yaml").write_text(manifest("shared-b", "looMedoid", "out/shared.zarr"))
+    (cwd / "c.yaml").write_text(manifest("own", "difference", "out/own.zarr"))
+    procs = [rasterkube_run(cwd, "a.yaml"), rasterkube_run(cwd, "b.yaml", "c.yaml")]
+    try:
+        results = [p.communicate(timeout=500) for p in procs]
+    finally:
+        for p in procs:
+            end_group(p)
+    for p, (out, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err
+    shared = cwd / "out" / "shared.zarr"
+    band = geozarr.describe(str(shared)).bands[0]
+    check_score(shared, source, next(m for m, name in SCORE.items() if name == band))  # whole: one run's
+    check_score(cwd / "out" / "own.zarr", source, "difference")
+    assert siblings(shared) == [] and siblings(cwd / "out" / "own.zarr") == []
