@@ -21,11 +21,13 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 LOCK_SUFFIX = ".lock"
+POLL_S = 0.005
 
 
 def _lock(path: str | os.PathLike[str], timeout: float) -> FileLock:
     # thread_local=False: a run may take a lock in one thread and let go of it in another.
-    return FileLock(str(path), timeout=timeout, thread_local=False)
+    # A short poll: these locks are held for a rename or a directory listing, not for long.
+    return FileLock(str(path), timeout=timeout, thread_local=False, poll_interval=POLL_S)
 
 
 def try_hold(path: str | os.PathLike[str]) -> FileLock | None:

@@ -124,11 +124,11 @@ COMMITTER = """
     from rasterkube import storage
 
     final, seed, n, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    data = random_series(3, 2, 16, 16, seed=seed)
+    data = random_series(2, 1, 8, 8, seed=seed)
     staged = [write_uncommitted(storage.stage(final), data, chunk=8) for _ in range(n)]
     print("ready", flush=True)
     while not os.path.exists(go):
-        time.sleep(0.01)
+        time.sleep(0.001)
     for tmp in staged:
         storage.commit(tmp, final)
 """
@@ -138,7 +138,7 @@ def test_concurrent_commits_of_one_output_are_serialized(tmp_path: Path) -> None
     """Two processes commit the same output over and over at the same moment: no failed
     rename, no mixed store, nothing left beside it."""
     final, go = tmp_path / "out.zarr", tmp_path / "go"
-    procs = [python(COMMITTER, str(final), str(seed), "25", str(go)) for seed in (1, 2)]
+    procs = [python(COMMITTER, str(final), str(seed), "100", str(go)) for seed in (1, 2)]
     for proc in procs:
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
     go.touch()
@@ -146,7 +146,7 @@ def test_concurrent_commits_of_one_output_are_serialized(tmp_path: Path) -> None
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
     got = read(str(final))
-    assert any(np.array_equal(got, random_series(3, 2, 16, 16, seed=s), equal_nan=True) for s in (1, 2))
+    assert any(np.array_equal(got, random_series(2, 1, 8, 8, seed=s), equal_nan=True) for s in (1, 2))
     assert siblings(final) == []
 
 
