@@ -277,3 +277,128 @@ def test_two_runs_at_once_on_one_machine(workdir: tuple[Path, np.ndarray]) -> No
     check_score(shared, source, next(m for m, name in SCORE.items() if name == band))  # whole: one run's
     check_score(cwd / "out" / "own.zarr", source, "difference")
     assert siblings(shared) == [] and siblings(cwd / "out" / "own.zarr") == []
+
+
+# ----------------------------------------------------------------------------- model cache
+
+
+class _SlowModelServer:
+    """Serves one file over HTTP on loopback; ``stall`` holds a download half way, ``delay``
+    slows it down (so two downloads overlap)."""
+
+    def __init__(self, path: Path) -> None:
+        import http.server
+        import threading
+
+        self.body, self.gets, self.stall, self.delay = path.read_bytes(), 0, False, 0.0
+        self.half_sent, self.release = threading.Event(), threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _headers(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(server.body)))
+                self.send_header("ETag", '"v1"')
+                self.end_headers()
+
+            def do_HEAD(self) -> None:
+                self._headers()
+
+            def do_GET(self) -> None:
+                server.gets += 1
+                self._headers()
+                half = len(server.body) // 2
+                self.wfile.write(server.body[:half])
+                self.wfile.flush()
+                if server.stall:
+                    server.half_sent.set()
+                    server.release.wait(60)
+                    return
+                time.sleep(server.delay)
+                self.wfile.write(server.body[half:])
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/{path.name}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+
+
+@pytest.fixture()
+def model_server(tmp_path: Path):
+    from helpers.torchmodels import conv_pt2
+
+    server = _SlowModelServer(conv_pt2(tmp_path / "seg.pt2", 3, 2, patch=32))
+    yield server
+    server.close()
+
+
+FETCH = """
+    import sys
+    from pathlib import Path
+    from rasterkube.predict import models
+
+    print(models.fetch(sys.argv[1], Path(sys.argv[2])).sha256, flush=True)
+"""
+
+
+def cache_entries(cache: Path) -> list[str]:
+    return sorted(p.relative_to(cache / "models").as_posix() for p in (cache / "models").rglob("*"))
+
+
+def test_model_download_killed_half_way_is_cleaned_and_redone(model_server: _SlowModelServer, tmp_path: Path) -> None:
+    from rasterkube.predict import models
+
+    cache = tmp_path / "cache"
+    model_server.stall = True
+    proc = python(FETCH, model_server.url, str(cache))
+    try:
+        assert model_server.half_sent.wait(120), proc.stderr.read() if proc.poll() is not None else "no request"
+        time.sleep(0.3)  # the half is on disk
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    model_server.stall = False
+    fetched = models.fetch(model_server.url, cache)
+    assert fetched.sha256 == storage.sha256_file(fetched.path) == models.fetch(str(tmp_path / "seg.pt2")).sha256
+    assert models.load(fetched.path).signature.out_channels == 2
+    # Only the entry, its directory and the index: the killed download's partial file is gone.
+    assert cache_entries(cache) == [".locks", fetched.sha256, f"{fetched.sha256}/seg.pt2", "index.json"]
+
+
+def test_damaged_cached_model_is_fetched_again(s3: str, tmp_path: Path) -> None:
+    """A truncated file behind a valid index entry (a disk filled up, a copy cut short)."""
+    from helpers.torchmodels import conv_pt2
+    from rasterkube.predict import models
+
+    local = conv_pt2(tmp_path / "m.pt2", 3, 2, patch=32)
+    uri = "s3://rasterkube/stray-models/m.pt2"
+    fs, _ = storage.filesystem(uri)
+    fs.put_file(str(local), uri)
+    cache = tmp_path / "cache"
+    first = models.fetch(uri, cache)
+    with open(first.path, "r+b") as fh:
+        fh.truncate(first.path.stat().st_size // 2)
+    again = models.fetch(uri, cache)
+    assert again.path == first.path and again.sha256 == first.sha256
+    assert storage.sha256_file(again.path) == first.sha256, "the damaged copy was used"
+    assert models.load(again.path, uri).signature.in_channels == 3
+
+
+def test_two_processes_fetch_one_model_with_one_download(model_server: _SlowModelServer, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    model_server.delay = 1.0  # the downloads would overlap
+    procs = [python(FETCH, model_server.url, str(cache)) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    sha = storage.sha256_file(tmp_path / "seg.pt2")
+    assert [out.strip() for out, _ in outs] == [sha, sha]
+    assert model_server.gets == 1, "the second process waited for the first download and used it"
+    assert cache_entries(cache) == [".locks", sha, f"{sha}/seg.pt2", "index.json"]
