@@ -142,8 +142,23 @@ def _commit_lock_path(final: str) -> str:
 
 @contextmanager
 def _commit_lock(final: str) -> Iterator[None]:
-    with locks.held(_commit_lock_path(final)):
+    path = _commit_lock_path(final)
+    if not _is_local(final) and not _writable_dir(os.path.dirname(path)):
+        # A pod with a read-only home and no RASTERKUBE_CACHE: the lock only ever serialized
+        # this machine's runs of an object-store output, so commit without it.
+        log.warning("no writable cache for the commit lock of %s (set RASTERKUBE_CACHE); committing unlocked", final)
         yield
+        return
+    with locks.held(path):
+        yield
+
+
+def _writable_dir(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK)
 
 
 def recover(final_uri: str, *, stale_after_s: float = REMOTE_STALE_AFTER_S) -> None:
@@ -245,6 +260,9 @@ def _sweep_remote(final: str, stale_after_s: float) -> None:
         fs.invalidate_cache(parent)
         entries = [e for e in fs.ls(parent, detail=False) if posixpath.basename(e.rstrip("/")).startswith(prefix)]
     except FileNotFoundError:
+        return
+    except OSError as exc:  # e.g. no permission to list the bucket: cleaning is best effort
+        log.warning("cannot look for stale temporary outputs beside %s: %s", final, exc)
         return
     now = time.time()
     for entry in entries:
