@@ -82,6 +82,27 @@ def test_commit_killed_between_renames_is_finished_by_the_next_run(tmp_path: Pat
     assert siblings(final) == []
 
 
+def test_a_ref_to_an_output_whose_commit_was_killed_resolves(tmp_path: Path) -> None:
+    """A later `rasterkube run` that only reads the output (a ref to it) finishes the commit."""
+    from rasterkube.manifests import load
+    from rasterkube.runner import default_output_uri, plan
+
+    root = tmp_path / "root"
+    final = Path(default_output_uri(str(root), "default", "ChangeScore", "first"))
+    write_store(str(final), random_series(2, 1, 8, 8, seed=1), chunk=8)
+    proc = python(KILL_BETWEEN_RENAMES, str(final))
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL and not final.exists()
+    (tmp_path / "m.yaml").write_text(
+        "apiVersion: rasterkube.dev/v1alpha1\nkind: Vectorization\nmetadata: {name: second}\n"
+        "spec:\n  source: {changeScoreRef: {name: first}}\n  features: [test:b0]\n  threshold: 1.0\n"
+    )
+    (planned,) = plan(load([tmp_path / "m.yaml"]), str(root))
+    assert planned.source_uri == str(final)
+    np.testing.assert_array_equal(read(str(final)), random_series(2, 1, 8, 8, seed=2))
+    assert siblings(final) == []
+
+
 WRITER = """
     import sys, time
     from helpers.stores import random_series, write_uncommitted
