@@ -469,8 +469,7 @@ def build_committed(uri: str, *, reporter: Reporter | None = None, min_size: int
     store until the commit, and a failure leaves it untouched (`rasterkube multiscales`)."""
     uri = storage.normalize(uri)
     check_rewritable(geozarr.describe(uri))  # a clear message unless it is a complete rasterkube store
-    tmp = storage.temporary_uri(uri)
-    storage.remove(tmp)
+    tmp = storage.stage(uri)
     try:
         _copy_tree(uri, tmp)
         grids = build(tmp, reporter=reporter, min_size=min_size)

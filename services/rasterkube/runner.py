@@ -88,6 +88,7 @@ def plan(items: Sequence[Loaded], root: str) -> list[Planned]:
         ref = source.ref
         if ref is None:
             p.source_uri = storage.normalize(source.uri)
+            _recover_local(p.source_uri)
             continue
         ref_kind, ref_name = ref
         target = (ref_kind, key[1], ref_name)
@@ -97,6 +98,7 @@ def plan(items: Sequence[Loaded], root: str) -> list[Planned]:
             p.source_uri = planned[target].output_uri
             continue
         existing = default_output_uri(root, key[1], ref_kind, ref_name)
+        _recover_local(existing)
         if storage.is_committed(existing):
             p.source_uri = existing  # produced by an earlier run
             continue
@@ -108,6 +110,12 @@ def plan(items: Sequence[Loaded], root: str) -> list[Planned]:
     if problems:
         raise ManifestError(problems)
     return _topological(planned)
+
+
+def _recover_local(uri: str) -> None:
+    """A source an earlier run was committing when it was killed: finish that commit first."""
+    if "://" not in uri:
+        storage.recover(uri)
 
 
 def _topological(planned: dict[tuple[Kind, str, str], Planned]) -> list[Planned]:

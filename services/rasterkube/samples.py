@@ -73,7 +73,7 @@ def build_landsat_annual_store(out_uri: str, data_dir: Path | None = None) -> st
     grid = next(iter(composites.values()))[2]
     times = np.array([f"{y}-01-01" for y in composites], dtype="datetime64[s]")
     out_uri = storage.normalize(out_uri)
-    tmp = storage.temporary_uri(out_uri)
+    tmp = storage.stage(out_uri)
     info = geozarr.create(
         tmp,
         grid,

@@ -188,6 +188,9 @@ def open_stage(final_uri: str, key: StageKey) -> Stage:
     left one with a ledger, else fresh (emptied). Stagings of other keys are removed first."""
     final_uri = storage.normalize(final_uri)
     uri = storage.staging_uri(final_uri, key.digest)
+    storage.recover(final_uri)  # a commit a killed run left half done is finished first
+    # A live run of the same work holds this staging: wait for it to commit or die.
+    storage.claim_waiting(uri, on_wait=lambda: log.warning("%s is being written by another run; waiting for it", uri))
     for stale in storage.other_stagings(final_uri, keep=uri):
         log.info("removing the staging of another spec, generation or input: %s", stale)
         storage.remove(stale)
@@ -196,5 +199,5 @@ def open_stage(final_uri: str, key: StageKey) -> Stage:
         finished = stage.ledger.read()
         log.info("resuming %s: %d blocks already finished", uri, len(finished))
         return Stage(uri, key, resumed=True, finished=finished)
-    storage.remove(uri)  # a staging without its ledger: died while starting or finishing
+    storage.remove(uri, release=False)  # a staging without its ledger: died while starting or finishing
     return Stage(uri, key, resumed=False)

@@ -18,6 +18,12 @@ Remote files are downloaded once into ``<cache>/models/<sha256>/<name>``: the ca
 remembers which URI (and ETag/size) gave which content, so a later run does not download again
 while the remote file is unchanged.
 
+The cache survives killed runs and concurrent ones: a download goes to ``<cache>/models/
+.part-<key>`` and is renamed into place only when whole; one download per URL at a time on a
+machine (a lock file: the second run waits, then finds it cached), and a ``.part-`` directory
+whose lock nobody holds is a killed download's and is removed. A cached file is checked against
+its name (its SHA-256) before use, so a truncated or damaged one is fetched again, never loaded.
+
 No pickle
 ---------
 ``torch.export.load`` unpickles archive members it cannot read as raw tensors, and falls back
@@ -30,10 +36,11 @@ TorchScript's own restricted unpickler (tensors and TorchScript types only).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -42,12 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from rasterkube import storage
+from rasterkube import locks, storage
 from rasterkube.errors import UserError
 from rasterkube.sampledata import cache_dir
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 FIELD: Final = "spec.model.uri"
 HF_SCHEME: Final = "hf://"
@@ -59,6 +68,10 @@ FORMAT_PT2: Final = "pt2"
 FORMAT_TORCHSCRIPT: Final = "torchscript"
 PROGRAM_MODEL: Final = "model"
 PROGRAM_TRANSFORMS: Final = "transforms"
+CACHE_SUBDIR: Final = "models"
+PART_PREFIX: Final = ".part-"
+LOCKS_SUBDIR: Final = ".locks"
+INDEX_LOCK: Final = "index.lock"
 DOWNLOAD_ATTEMPTS: Final = 3
 HTTP_TIMEOUT_S: Final = 60
 CHUNK: Final = 1 << 20
@@ -129,14 +142,16 @@ class _Index:
             return None
 
     def put(self, uri: str, entry: dict[str, str]) -> None:
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            data = {}
-        data[uri] = entry
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(self.path)  # atomic: concurrent workers never read a half index
+        # Read-modify-write under a lock: two runs adding different URIs keep both entries.
+        with locks.held(self.path.parent / LOCKS_SUBDIR / INDEX_LOCK):
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                data = {}
+            data[uri] = entry
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(self.path)  # atomic: concurrent readers never see a half index
 
 
 def _http_request(url: str, method: str = "GET") -> urllib.request.Request:
@@ -197,26 +212,76 @@ def fetch(uri: str, cache: Path | None = None) -> FetchedModel:
         if not path.is_file():
             raise ModelError(uri, "does not exist (or is not a file); check the path")
         return FetchedModel(uri=uri, path=path.resolve(), sha256=storage.sha256_file(path))
-    root = (cache or cache_dir()) / "models"
+    root = (cache or cache_dir()) / CACHE_SUBDIR
     root.mkdir(parents=True, exist_ok=True)
     index = _Index(root)
     version = _remote_version(uri, url)
-    entry = index.get(url)
     name = Path(url.split("?")[0]).name or "model"
-    if entry and entry.get("version") == version:
-        cached = root / entry["sha256"] / name
-        if cached.is_file():
-            return FetchedModel(uri=uri, path=cached, sha256=entry["sha256"])
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        part = Path(tmp) / name
-        _download_to(url, uri, part)
-        sha = storage.sha256_file(part)
-        final = root / sha / name
-        final.parent.mkdir(exist_ok=True)
-        if not final.exists():
-            part.replace(final)  # same filesystem: atomic, readers never see a partial file
-    index.put(url, {"sha256": sha, "version": version or ""})
+    key = hashlib.sha256(url.encode()).hexdigest()[:32]
+    # One download of a URL at a time on this machine: a concurrent run waits here, then finds
+    # the file cached instead of downloading it again.
+    with locks.held(root / LOCKS_SUBDIR / f"{key}{locks.LOCK_SUFFIX}"):
+        _sweep_partial_downloads(root, own=key)
+        entry = index.get(url)
+        if entry and entry.get("version") == version:
+            cached = root / entry["sha256"] / name
+            if _intact(cached, entry["sha256"]):
+                return FetchedModel(uri=uri, path=cached, sha256=entry["sha256"])
+        part_dir = root / f"{PART_PREFIX}{key}"
+        shutil.rmtree(part_dir, ignore_errors=True)  # a killed download of this URL
+        part_dir.mkdir()
+        try:
+            part = part_dir / name
+            _download_to(url, uri, part)
+            sha = storage.sha256_file(part)
+            final = root / sha / name
+            final.parent.mkdir(exist_ok=True)
+            part.replace(final)  # same filesystem: atomic; also replaces a damaged copy
+            _verified[_stat_key(final)] = sha
+        finally:
+            shutil.rmtree(part_dir, ignore_errors=True)
+        index.put(url, {"sha256": sha, "version": version or ""})
     return FetchedModel(uri=uri, path=final, sha256=sha)
+
+
+# (path, size, mtime, inode) → sha256 of files this process has hashed: a model is checked
+# once per process, not once per replica start or preflight.
+_verified: dict[tuple[str, int, int, int], str] = {}
+
+
+def _stat_key(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _intact(cached: Path, sha256: str) -> bool:
+    """The cached file is there and its content is the one its directory is named after."""
+    if not cached.is_file():
+        return False
+    key = _stat_key(cached)
+    if _verified.get(key) != sha256:
+        actual = storage.sha256_file(cached)
+        if actual != sha256:
+            log.warning("cached model %s is damaged (sha256 %s); fetching it again", cached, actual[:12])
+            cached.unlink(missing_ok=True)
+            return False
+        _verified[key] = actual
+    return True
+
+
+def _sweep_partial_downloads(root: Path, own: str) -> None:
+    """Remove the ``.part-`` directories of downloads whose process is gone."""
+    for part_dir in root.glob(f"{PART_PREFIX}*"):
+        key = part_dir.name[len(PART_PREFIX) :]
+        if key == own:
+            continue  # ours: we hold its lock and clear it ourselves
+        lock = locks.try_hold(root / LOCKS_SUBDIR / f"{key}{locks.LOCK_SUFFIX}")
+        if lock is None:
+            continue  # a live download
+        try:
+            shutil.rmtree(part_dir, ignore_errors=True)
+        finally:
+            locks.drop(lock)
 
 
 # ----------------------------------------------------------------------------- safety
