@@ -69,7 +69,8 @@ def test_open_stage_resumes_only_the_same_key_and_removes_stale_stagings(tmp_pat
     other = staging.open_stage(final, staging.stage_key(resource(), {"source": "v2"}))
     assert not other.resumed and other.uri != fresh.uri
     assert not os.path.exists(fresh.uri)  # the old key's blocks are gone, never reused
-    assert [p.name for p in tmp_path.iterdir()] == []  # a fresh staging is created by the job
+    # A fresh staging is created by the job; its lock file says a live run (this one) owns it.
+    assert [p.name for p in tmp_path.iterdir()] == [f"{Path(other.uri).name}.lock"]
 
 
 def test_a_staging_without_its_ledger_is_not_resumed(tmp_path: Path) -> None:
