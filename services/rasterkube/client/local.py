@@ -79,7 +79,7 @@ class LocalBackend:
         planned = runner.Planned(
             Loaded(resource, origin), runner.output_uri(resource, self.root), self._source_uri(resource, origin)
         )
-        (outcome,) = runner.run_planned([planned], on_progress=lambda _p, pct, msg: on_progress(pct, msg))
+        (outcome,) = runner.run_planned([planned], on_progress=lambda _p, pct, msg, _reason: on_progress(pct, msg))
         failed = outcome.phase != Phase.SUCCEEDED
         message = (outcome.error or "").removeprefix(f"{resource.kind}/{resource.name}: ")
         status: dict[str, Any] = {
