@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from typing import Any, Protocol, TextIO
@@ -25,7 +26,7 @@ class LogReporter:
     def __init__(self, stream: TextIO | None = None, min_interval_s: float = 1.0) -> None:
         self._stream = stream or sys.stdout
         self._min_interval = min_interval_s
-        self._last: tuple[float, int, str, str | None] = (-1.0, -1, "", None)
+        self._last: tuple[float, int, str, str | None] = (-math.inf, -1, "", None)
 
     def progress(self, percent: float, message: str, reason: str | None = None) -> None:
         pct = int(max(0.0, min(100.0, percent)))
