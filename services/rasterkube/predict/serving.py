@@ -25,8 +25,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from typing import Any, Final, Protocol
 
@@ -255,36 +253,35 @@ def deploy(
         return True
     target = _deployment_class().options(**_options(config, share)).bind(config)
     watch = scheduling.Watch(replica_demand(config), MODEL_REPLICA)  # on_wait reports below, every poll
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(serve.run, target, name=app, route_prefix=None)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                future.result(timeout=POLL_S)
-                return False
-            except FutureTimeout:
-                pass
-            status, message = app_status(app)
-            if status == DEPLOY_FAILED:
-                delete(app)
-                raise RuntimeError(f"Ray Serve could not deploy the model: {message}")
-            try:
-                # One replica Ray cannot place holds the whole deployment back.
-                wait = watch.check(in_flight=1)
-            except SchedulingTimeout:
-                delete(app)
-                raise
-            if time.monotonic() > deadline:
-                delete(app)
-                raise RuntimeError(
-                    f"the model's replicas did not start within {timeout_s:.0f} s ({message or status}); check that "
-                    "the cluster has the CPUs/GPUs that spec.serving asks for"
-                )
-            if on_wait is not None:
-                if wait is not None:
-                    on_wait(wait.message, Reason.UNSCHEDULABLE.value)
-                else:
-                    on_wait(message or f"waiting for replicas ({status})", None)
+    # Not serve.run: it waits for RUNNING in a loop of its own that never ends when the app is
+    # deleted meanwhile (our timeouts delete it); this loop watches the app itself.
+    serve.run_many([serve.RunTarget(target, name=app, route_prefix=None)], wait_for_applications_running=False)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, message = app_status(app)
+        if status == RUNNING:
+            return False
+        if status == DEPLOY_FAILED:
+            delete(app)
+            raise RuntimeError(f"Ray Serve could not deploy the model: {message}")
+        try:
+            # One replica Ray cannot place holds the whole deployment back.
+            wait = watch.check(in_flight=1)
+        except SchedulingTimeout:
+            delete(app)
+            raise
+        if time.monotonic() > deadline:
+            delete(app)
+            raise RuntimeError(
+                f"the model's replicas did not start within {timeout_s:.0f} s ({message or status}); check that "
+                "the cluster has the CPUs/GPUs that spec.serving asks for"
+            )
+        if on_wait is not None:
+            if wait is not None:
+                on_wait(wait.message, Reason.UNSCHEDULABLE.value)
+            else:
+                on_wait(message or f"waiting for replicas ({status})", None)
+        time.sleep(POLL_S)
 
 
 def delete(app: str) -> None:

@@ -93,7 +93,7 @@ def _ordered(keys: set[str] | list[str]) -> list[str]:
 def amount(key: str, value: float) -> str:
     """``2 CPU``, ``0.5 GPU``, ``8 GiB memory``."""
     if key == MEMORY:
-        return f"{value / 2**30:.3g} GiB memory"
+        return f"{value / 2**30:.4g} GiB memory"
     return f"{value:g} {key}"
 
 
