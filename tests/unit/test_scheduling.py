@@ -173,3 +173,25 @@ def test_log_reporter_never_holds_back_a_wait() -> None:
         {"percent": 0, "message": "waiting for resources: 1 CPU per block task", "reason": "Unschedulable"},
         {"percent": 0, "message": "scoring blocks: 0/2"},
     ]
+
+
+def test_text_bar_shows_a_wait_in_logs_once() -> None:
+    from rasterkube.client.progress import progress_bar
+
+    stream = io.StringIO()  # not a terminal: a line per 10 % step — and one per wait
+    bar = progress_bar("ChangeScore/c", stream=stream)
+    bar.update(0, "scoring blocks: 0/2")
+    bar.update(0, "waiting for resources: 1 CPU per block task; the Ray cluster offers 0 CPU", "Unschedulable")
+    bar.update(0, "waiting for resources: 1 CPU per block task; the Ray cluster offers 0 CPU", "Unschedulable")
+    bar.update(50, "scoring blocks: 1/2")
+    lines = stream.getvalue().splitlines()
+    assert lines[1] == "ChangeScore/c   0% waiting for resources: 1 CPU per block task; the Ray cluster offers 0 CPU"
+    assert len(lines) == 3 and lines[2].endswith("50% scoring blocks: 1/2")
+
+
+def test_cluster_client_sees_a_held_up_resource() -> None:
+    from rasterkube.client.cluster import _held_up
+
+    held = {"conditions": [{"type": "Reconciling", "status": "True", "reason": "Unschedulable", "message": "..."}]}
+    assert _held_up(held) == "Unschedulable"
+    assert _held_up({"conditions": [{"type": "Reconciling", "status": "True", "reason": "JobRunning"}]}) is None
