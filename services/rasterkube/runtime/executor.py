@@ -21,6 +21,8 @@ _embedded = False
 #: How long the driver waits for a result before it looks whether Ray can run the tasks at
 #: all (one GCS request per look; results that arrive end the wait at once).
 POLL_S = 1.0
+#: What run_blocks' and TaskGroup's tasks are called in messages.
+BLOCK_TASK = "block task"
 
 # Settings the driver has that the workers need to reach storage (object store endpoint and
 # credentials, GDAL/rasterio tuning). Workers may run on other nodes, or were started before
@@ -169,10 +171,6 @@ def _watch(demand: scheduling.Demand, reporter: Reporter, now: Callable[[], tupl
             reporter.progress(percent, wait, reason=Reason.UNSCHEDULABLE.value)
 
     return scheduling.Watch(demand, BLOCK_TASK, report=report)
-
-
-#: What run_blocks' and TaskGroup's tasks are called in messages.
-BLOCK_TASK = "block task"
 
 
 def run_blocks(

@@ -86,15 +86,17 @@ def same_shape(a: Demand, b: Mapping[str, float]) -> bool:
     return all(math.isclose(a.get(k, 0.0), b.get(k, 0.0), abs_tol=EPSILON) for k in keys)
 
 
-def _ordered(keys: set[str] | list[str]) -> list[str]:
+def _ordered(keys: list[str]) -> list[str]:
     return sorted(keys, key=lambda k: (SHOWN_ORDER.index(k) if k in SHOWN_ORDER else len(SHOWN_ORDER), k))
+
+
+def _number(key: str, value: float) -> str:
+    return f"{value / 2**30:.4g}" if key == MEMORY else f"{value:g}"
 
 
 def amount(key: str, value: float) -> str:
     """``2 CPU``, ``0.5 GPU``, ``8 GiB memory``."""
-    if key == MEMORY:
-        return f"{value / 2**30:.4g} GiB memory"
-    return f"{value:g} {key}"
+    return f"{_number(key, value)} {'GiB memory' if key == MEMORY else key}"
 
 
 def describe(demand: Demand) -> str:
@@ -108,7 +110,7 @@ def _nodes(snapshot: ClusterSnapshot, keys: list[str], free: bool) -> str:
     for node in snapshot.nodes[:MAX_NODES_SHOWN]:
         parts = [amount(k, node.total.get(k, 0.0)) for k in keys]
         if free:
-            parts = [f"{p} ({amount(k, node.available.get(k, 0.0)).split()[0]} free)" for p, k in zip(parts, keys)]
+            parts = [f"{p} ({_number(k, node.available.get(k, 0.0))} free)" for p, k in zip(parts, keys)]
         shown.append(f"{node.name}: {', '.join(parts)}")
     more = len(snapshot.nodes) - MAX_NODES_SHOWN
     return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
@@ -134,7 +136,7 @@ def why_waiting(demand: Demand, what: str, snapshot: ClusterSnapshot, in_flight:
     totals = {k: sum(n.total.get(k, 0.0) for n in snapshot.nodes) for k in keys}
     offered = ", ".join(amount(k, totals[k]) for k in keys)
     if not any(fits(demand, node.total) for node in snapshot.nodes):
-        short = [amount(k, demand[k]) for k in keys if not any(n.total.get(k, 0.0) + EPSILON >= demand[k] for n in snapshot.nodes)]
+        short = [amount(k, demand[k]) for k in keys if not any(fits({k: demand[k]}, n.total) for n in snapshot.nodes)]
         lacking = f" (no node has {' or '.join(short)})" if short else " (no single node has all of it)"
         return Wait(
             infeasible=True,
