@@ -87,7 +87,7 @@ def test_job_on_a_cluster_without_cpus_says_why_at_once_and_fails_after_the_boun
     assert waits, progress
     waited_at, wait = waits[0]
     assert wait["message"].startswith(NO_CPU), wait
-    assert waited_at - started < 5, "the wait is reported within seconds"
+    assert waited_at - started < 10, "the wait is reported within seconds"
     (result,) = results
     assert result["ok"] is False and result["reason"] == "Unschedulable"
     assert result["error"].startswith(f"the block tasks could not be scheduled within {BOUND_S} s "
