@@ -255,9 +255,11 @@ def _observe(
         deps.slots.hold(request.run_id)
         progress = state.progress or {"percent": 0, "message": state.message or state.state.value.lower()}
         reason = Reason.JOB_RUNNING if state.state == JobState.RUNNING else Reason.JOB_SUBMITTED
+        message = progress.get("message", "")
         if state.reason:  # the backend knows better why it waits (e.g. pods Unschedulable)
-            reason = Reason(state.reason)
-        message = state.message if state.reason else progress.get("message", "")
+            reason, message = Reason(state.reason), state.message
+        elif (held := _reason(progress)) is not None:  # the job is held up (Ray cannot place its tasks)
+            reason = held
         return Observation(Phase.RUNNING, reason, message, progress=progress, job=job)
     deps.slots.release(request.run_id)
     duration = _seconds_since(status.get("startTime"), deps.clock())
@@ -276,8 +278,18 @@ def _observe(
         return Observation(Phase.FAILED, Reason.JOB_STOPPED, state.message or "job was stopped", job=job,
                            completion_time=now)  # fmt: skip
     error = (state.result or {}).get("error") or state.message or "job failed"
-    reason = Reason(state.reason) if state.reason else Reason.JOB_FAILED
+    reason = Reason(state.reason) if state.reason else _reason(state.result) or Reason.JOB_FAILED
     return Observation(Phase.FAILED, reason, error, job=job, completion_time=now)
+
+
+def _reason(payload: dict[str, Any] | None) -> Reason | None:
+    """The constant reason a job's progress or result line carries (e.g. Unschedulable), if
+    it is one this operator knows."""
+    value = (payload or {}).get("reason")
+    try:
+        return Reason(value) if value else None
+    except ValueError:
+        return None
 
 
 def _summary(request: JobRequest) -> dict[str, Any]:

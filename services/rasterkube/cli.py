@@ -15,14 +15,24 @@ DEFAULT_CHART_CRDS = "charts/rasterkube/crds"
 
 
 class _Progress:
-    """One status line per resource on stderr; a line per 10 % step when not a terminal."""
+    """One status line per resource on stderr; a line per 10 % step when not a terminal, and
+    always a line of its own when a job is held up (``reason`` set, e.g. Ray cannot place its
+    tasks), once per change of the message."""
 
     def __init__(self) -> None:
         self._tty = sys.stderr.isatty()
         self._last: dict[str, int] = {}
+        self._held: dict[str, str] = {}
 
-    def __call__(self, planned, percent: int, message: str) -> None:  # type: ignore[no-untyped-def]
+    def __call__(self, planned, percent: int, message: str, reason: str | None = None) -> None:  # type: ignore[no-untyped-def]
         label = planned.item.label
+        if reason is not None:
+            if self._held.get(label) != message:
+                start = "\r" if self._tty else ""  # over the redrawn line, then a line of its own
+                print(f"{start}{label}: {percent:3d}% {message}", file=sys.stderr, flush=True)
+            self._held[label] = message
+            return
+        self._held.pop(label, None)
         if self._tty:
             end = "\n" if percent >= 100 else ""
             print(f"\r{label}: {percent:3d}% {message:<60}", end=end, file=sys.stderr, flush=True)

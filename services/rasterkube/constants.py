@@ -56,7 +56,9 @@ class Reason(StrEnum):
     JOB_SUCCEEDED = "JobSucceeded"
     JOB_FAILED = "JobFailed"
     JOB_STOPPED = "JobStopped"
-    #: The job's pods cannot be placed on any node (e.g. GPUs asked for that no node has).
+    #: The job's pods cannot be placed on any node (e.g. GPUs asked for that no node has), or
+    #: Ray cannot place its tasks or model replicas (no node offers what they ask for, or
+    #: none has it free): while it waits, and when it failed after the wait's bound.
     UNSCHEDULABLE = "Unschedulable"
     #: The job ran longer than the backend's deadline (KubeRay activeDeadlineSeconds).
     DEADLINE_EXCEEDED = "DeadlineExceeded"
@@ -74,6 +76,10 @@ DIMS: Final = ("time", "band", "y", "x")
 ENV_STORAGE_ROOT: Final = "RASTERKUBE_STORAGE_ROOT"
 ENV_RAY_ADDRESS: Final = "RAY_ADDRESS"
 DEFAULT_STORAGE_ROOT: Final = "./rasterkube-data"
+
+#: Default of ``spec.resources.schedulingTimeoutSeconds``: long enough for an autoscaler to
+#: add a node (minutes on a cloud), short against the 16 silent minutes a user once waited.
+DEFAULT_SCHEDULING_TIMEOUT_S: Final = 600
 
 # Lines a job prints so the operator (reading Ray job logs) can follow it.
 PROGRESS_PREFIX: Final = "RASTERKUBE_PROGRESS "

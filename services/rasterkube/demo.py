@@ -185,6 +185,7 @@ class ProgressBars:
         self.started: dict[str, float] = {}
         self.finished: dict[str, float] = {}
         self._last_pct: dict[str, int] = {}
+        self._held: dict[str, str] = {}
         self._clock = time.perf_counter()
         self._open_line = False
 
@@ -194,7 +195,7 @@ class ProgressBars:
         tail = f"{seconds:6.1f} s" if seconds is not None else message[:48]
         return f"[{self.index[label]}/{self.total}] {label:<45} [{bar}] {pct:3d}%  {tail}"
 
-    def __call__(self, planned: Planned, pct: int, message: str) -> None:
+    def __call__(self, planned: Planned, pct: int, message: str, reason: str | None = None) -> None:
         label = planned.item.label
         now = time.perf_counter()
         if label not in self.index:
@@ -207,6 +208,13 @@ class ProgressBars:
             return
         last = self._last_pct.get(label, -1)
         self._last_pct[label] = pct
+        if reason is not None:
+            # A job held up (e.g. Ray cannot place its tasks) says why in full, once per change.
+            if self._held.get(label) != message:
+                self._emit(f"[{self.index[label]}/{self.total}] {label}: {message}", final=True)
+            self._held[label] = message
+            return
+        self._held.pop(label, None)
         if pct >= 100:
             if last >= 100:
                 return

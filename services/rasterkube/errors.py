@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+from rasterkube.constants import Reason
+
 
 class UserError(ValueError):
     """Bad input: the message names the field and says what to do."""
@@ -25,3 +29,14 @@ class ResourceFailed(RuntimeError):
 
 class WaitTimeout(TimeoutError):
     """A resource did not finish in the time given; it keeps running."""
+
+
+class SchedulingTimeout(UserError):
+    """Ray could not place a job's tasks (or model replicas) within the resource's
+    ``spec.resources.schedulingTimeoutSeconds``: the message names what they ask for and
+    what the cluster offers. The user's to fix (ask for less, add nodes, wait longer), so it
+    is reported like bad input — one message, no traceback — with its own status reason."""
+
+    #: The status reason: the same the kuberay backend gives pods the Kubernetes scheduler
+    #: cannot place.
+    reason: ClassVar[Reason] = Reason.UNSCHEDULABLE

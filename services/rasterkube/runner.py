@@ -139,7 +139,9 @@ def _topological(planned: dict[tuple[Kind, str, str], Planned]) -> list[Planned]
     return order
 
 
-ProgressCallback = Callable[[Planned, int, str], None]
+#: ``(planned, percent, message, reason)``: reason is a constants.Reason value while the job is
+#: held up (e.g. Unschedulable), else None.
+ProgressCallback = Callable[[Planned, int, str, str | None], None]
 
 
 def _request(p: Planned) -> JobRequest:
@@ -176,7 +178,9 @@ def run_planned(
             outcome.error = f"source {p.depends_on[0].value}/{p.depends_on[2]} did not succeed"
             continue
         reporter: Reporter = (
-            CallbackReporter(lambda pct, msg, p=p: on_progress(p, pct, msg)) if on_progress else NullReporter()
+            CallbackReporter(lambda pct, msg, reason, p=p: on_progress(p, pct, msg, reason), with_reason=True)
+            if on_progress
+            else NullReporter()
         )
         request = requests[p.item.key]
         outcome.start_time = now()

@@ -146,6 +146,33 @@ def test_failure_is_stalled_with_the_jobs_message(env) -> None:
     assert kube.events[-1][0] == "Warning"
 
 
+def test_a_job_ray_cannot_place_says_why_in_status_then_fails_with_it(env) -> None:
+    backend, kube, deps, src = env
+    kube.add(change_score(source={"uri": src}))
+    step(kube, deps), step(kube, deps)
+    jid = backend.submitted[0].job_id
+    wait = "waiting for resources: 1 CPU per block task; the Ray cluster offers 0 CPU (no node has 1 CPU)"
+    backend.jobs[jid] = JobStatus(JobState.RUNNING, progress={"percent": 0, "message": wait, "reason": "Unschedulable"})
+    status = step(kube, deps)
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert status["phase"] == "Running" and status["progress"] == {"percent": 0, "message": wait}
+    assert conditions["Reconciling"]["status"] == "True"
+    assert conditions["Reconciling"]["reason"] == "Unschedulable" and conditions["Reconciling"]["message"] == wait
+    assert kube.events[-1][1] == "Unschedulable"
+    # the wait ends: back to the job's own progress and reason
+    backend.jobs[jid] = JobStatus(JobState.RUNNING, progress={"percent": 50, "message": "scoring blocks: 1/2"})
+    status = step(kube, deps)
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["Reconciling"] == "JobRunning"
+    error = "the block tasks could not be scheduled within 60 s (spec.resources.schedulingTimeoutSeconds): ..."
+    backend.jobs[jid] = JobStatus(JobState.FAILED, "exit 2", result={"ok": False, "error": error, "reason": "Unschedulable"})
+    status = step(kube, deps)
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert status["phase"] == "Failed" and conditions["Stalled"]["status"] == "True"
+    assert conditions["Stalled"]["reason"] == "Unschedulable" and conditions["Stalled"]["message"] == error
+    # a reason this operator does not know (from a newer job) is ignored, not a crash
+    assert reconcile._reason({"reason": "SomethingNew"}) is None and reconcile._reason(None) is None
+
+
 def test_waits_for_ref_then_reads_its_output(env) -> None:
     backend, kube, deps, src = env
     kube.add(change_score(source={"mosaicRef": {"name": "m"}}))

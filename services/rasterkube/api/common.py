@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from rasterkube.constants import API_VERSION, Kind, Phase
+from rasterkube.constants import API_VERSION, DEFAULT_SCHEDULING_TIMEOUT_S, Kind, Phase
 
 # Kubernetes object names (RFC 1123 subdomain) — RE2-compatible so the API server can use it.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -212,6 +212,16 @@ class Resources(ApiModel):
         default_factory=dict, description="Node labels the Ray workers must match (e.g. the GPU node pool)."
     )
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations for the Ray worker pods.")
+    scheduling_timeout_seconds: int = Field(
+        DEFAULT_SCHEDULING_TIMEOUT_S,
+        ge=1,
+        le=7 * 86400,
+        description=(
+            "How long the job may wait for Ray to place its tasks or model replicas when no node offers what they "
+            "ask for (CPUs, GPUs, memory) or none has it free; status says what it waits for meanwhile, and the "
+            "job fails with that reason after this many seconds. Raise it when an autoscaler adds nodes slowly."
+        ),
+    )
 
     @property
     def memory_bytes(self) -> int:

@@ -7,11 +7,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from rasterkube.constants import GROUP, VERSION, ConditionType, Kind, Phase
+from rasterkube.constants import GROUP, VERSION, ConditionType, Kind, Phase, Reason
 from rasterkube.errors import ResourceFailed, ResourceNotFound, UserError, WaitTimeout
 
 REQUEST_TIMEOUT_S = 30
-ProgressFn = Callable[[int, str], None]
+#: ``(percent, message, reason)``: reason set while the job is held up (e.g. Unschedulable).
+ProgressFn = Callable[[int, str, str | None], None]
 
 
 class CustomObjects(Protocol):
@@ -165,16 +166,16 @@ class ClusterBackend:
             phase = status.get("phase") if current else None
             progress = status.get("progress") or {}
             if not current:
-                on_progress(0, "waiting for the operator to pick it up")
+                on_progress(0, "waiting for the operator to pick it up", None)
             elif phase == Phase.SUCCEEDED:
-                on_progress(100, str(progress.get("message") or "succeeded"))
+                on_progress(100, str(progress.get("message") or "succeeded"), None)
                 return obj
             elif phase == Phase.FAILED or _condition_true(status, ConditionType.STALLED):
                 raise ResourceFailed(kind.value, name, _failure_message(status), status)
             else:
                 message = str(progress.get("message") or "")
                 shown = message if phase == Phase.RUNNING else f"{phase or Phase.PENDING}: {message}".rstrip(": ")
-                on_progress(int(progress.get("percent") or 0), shown)
+                on_progress(int(progress.get("percent") or 0), shown, _held_up(status))
                 if phase == Phase.WAITING:
                     self._raise_if_source_failed(obj)
             if deadline is not None and time.monotonic() >= deadline:
@@ -202,6 +203,15 @@ class ClusterBackend:
                     obj["kind"], obj["metadata"]["name"],
                     f"its source {kind.value}/{ref['name']} failed: {_failure_message(status)}", obj.get("status") or {},
                 )  # fmt: skip
+
+
+def _held_up(status: dict[str, Any]) -> str | None:
+    """The reason a running resource is held up (Unschedulable: its pods or Ray tasks cannot be
+    placed), from its Reconciling condition; None while it simply works."""
+    for c in status.get("conditions") or []:
+        if c.get("type") == ConditionType.RECONCILING.value and c.get("reason") == Reason.UNSCHEDULABLE.value:
+            return Reason.UNSCHEDULABLE.value
+    return None
 
 
 def _condition_true(status: dict[str, Any], ctype: ConditionType) -> bool:

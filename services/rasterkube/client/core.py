@@ -695,8 +695,8 @@ class _BarReporter:
     def __init__(self, bar: Any) -> None:
         self._bar = bar
 
-    def progress(self, percent: float, message: str) -> None:
-        self._bar.update(int(max(0.0, min(100.0, percent))), message)
+    def progress(self, percent: float, message: str, reason: str | None = None) -> None:
+        self._bar.update(int(max(0.0, min(100.0, percent))), message, reason)
 
 
 def _param_for(path: str, kind: Kind) -> str | None:

@@ -12,7 +12,8 @@ from rasterkube.constants import Kind, Phase
 from rasterkube.errors import ResourceFailed, UserError
 from rasterkube.manifests import Loaded
 
-ProgressFn = Callable[[int, str], None]
+#: ``(percent, message, reason)``: reason set while the job is held up (e.g. Unschedulable).
+ProgressFn = Callable[[int, str, str | None], None]
 
 
 class LocalBackend:
@@ -79,7 +80,7 @@ class LocalBackend:
         planned = runner.Planned(
             Loaded(resource, origin), runner.output_uri(resource, self.root), self._source_uri(resource, origin)
         )
-        (outcome,) = runner.run_planned([planned], on_progress=lambda _p, pct, msg: on_progress(pct, msg))
+        (outcome,) = runner.run_planned([planned], on_progress=lambda _p, pct, msg, reason: on_progress(pct, msg, reason))
         failed = outcome.phase != Phase.SUCCEEDED
         message = (outcome.error or "").removeprefix(f"{resource.kind}/{resource.name}: ")
         status: dict[str, Any] = {

@@ -32,10 +32,16 @@ class TextBar:
         filled = BAR_WIDTH * percent // 100
         return f"{self.label} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {percent:3d}% {message[:MESSAGE_WIDTH]}"
 
-    def update(self, percent: int, message: str) -> None:
+    def update(self, percent: int, message: str, reason: str | None = None) -> None:
+        """``reason`` set (the job is held up, e.g. Ray cannot place its tasks): the whole
+        message on a line of its own, also in logs, once per change."""
         if self._last == (percent, message):
             return
-        if self._inplace:
+        if reason is not None:
+            start = "\r" if self._open else ""
+            print(f"{start}{self.label} {percent:3d}% {message}", file=self._stream, flush=True)
+            self._open = False
+        elif self._inplace:
             line = self._line(percent, message)
             print(f"\r{line:<{len(self.label) + BAR_WIDTH + MESSAGE_WIDTH + 9}}", end="", file=self._stream, flush=True)
             self._open = True
@@ -55,8 +61,12 @@ class TqdmBar:
     def __init__(self, label: str, tqdm: Any) -> None:
         self._bar = tqdm(total=100, desc=label, unit="%", bar_format="{desc} {bar} {n:3.0f}% {postfix}")
         self._n = 0
+        self._held: str | None = None
 
-    def update(self, percent: int, message: str) -> None:
+    def update(self, percent: int, message: str, reason: str | None = None) -> None:
+        if reason is not None and message != self._held:
+            self._bar.write(f"{self._bar.desc} {message}")  # the whole message, above the bar
+        self._held = message if reason is not None else None
         if percent > self._n:
             self._bar.update(percent - self._n)
             self._n = percent
@@ -67,7 +77,7 @@ class TqdmBar:
 
 
 class NoBar:
-    def update(self, percent: int, message: str) -> None:
+    def update(self, percent: int, message: str, reason: str | None = None) -> None:
         return None
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Protocol, cast
 from rasterkube.constants import Kind
 from rasterkube.errors import ServiceUnavailable
 from rasterkube.jobs.context import JobContext, JobRequest, JobResult
+from rasterkube.runtime import scheduling
 from rasterkube.runtime.executor import ensure_ray
 from rasterkube.runtime.progress import NullReporter, Reporter
 
@@ -89,7 +90,9 @@ def run_job(
         prepared = service.preflight(resource, request)  # before Ray starts and before anything is written
     ensure_ray()
     ctx = JobContext(request=request, reporter=reporter or NullReporter(), max_in_flight=max_in_flight)
-    return service.run(resource, ctx, ctx.reporter, prepared)
+    # Every wait for Ray to place this job's tasks or replicas ends at the resource's bound.
+    with scheduling.bound(resource.spec.resources.scheduling_timeout_seconds):
+        return service.run(resource, ctx, ctx.reporter, prepared)
 
 
 __all__ = ["JobContext", "JobRequest", "JobResult", "run_job", "service_for"]

@@ -9,7 +9,7 @@ import sys
 from pydantic import ValidationError
 
 from rasterkube.constants import RESULT_PREFIX, Kind
-from rasterkube.errors import UserError
+from rasterkube.errors import SchedulingTimeout, UserError
 from rasterkube.jobs import run_job
 from rasterkube.jobs.context import JobRequest
 from rasterkube.manifests import format_validation_error
@@ -31,14 +31,19 @@ def main(argv: list[str] | None = None) -> int:
         result = run_job(request, LogReporter())
     except ValidationError as exc:
         return _fail(format_validation_error(exc, "spec"))
+    except SchedulingTimeout as exc:
+        return _fail(str(exc), reason=exc.reason)
     except UserError as exc:
         return _fail(str(exc))
     print(RESULT_PREFIX + json.dumps({"ok": True, **result.to_dict()}), flush=True)
     return 0
 
 
-def _fail(message: str) -> int:
-    print(RESULT_PREFIX + json.dumps({"ok": False, "error": message}), flush=True)
+def _fail(message: str, reason: str | None = None) -> int:
+    """The result line the operator reads; ``reason`` (a constants.Reason value) goes onto the
+    status conditions instead of the generic JobFailed."""
+    payload = {"ok": False, "error": message, **({"reason": reason} if reason else {})}
+    print(RESULT_PREFIX + json.dumps(payload), flush=True)
     print(f"error: {message}", file=sys.stderr)
     return EXIT_USER_ERROR
 

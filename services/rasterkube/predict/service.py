@@ -244,7 +244,7 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
         serving.check_capacity(config, TASK_CPUS, ray.cluster_resources())
         reporter.progress(1, f"deploying model {prepared.fetched.short_id} on Ray Serve ({app})")
         share = spec.serving.share_deployment
-        reused = serving.deploy(config, app, share, on_wait=lambda msg: reporter.progress(2, msg))
+        reused = serving.deploy(config, app, share, on_wait=lambda msg, why: reporter.progress(2, msg, reason=why))
         reporter.progress(DEPLOY_PERCENT, "reusing running deployment" if reused else "model deployed")
         assert info.layout is not None
         params = BlockParams(

@@ -25,15 +25,15 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from typing import Any, Final, Protocol
 
 import numpy as np
 
 from rasterkube.api.kinds import DeviceKind
-from rasterkube.errors import UserError
+from rasterkube.constants import Reason
+from rasterkube.errors import SchedulingTimeout, UserError
+from rasterkube.runtime import scheduling
 from rasterkube.runtime.executor import carried_env
 
 APP_PREFIX: Final = "rasterkube-model"
@@ -44,6 +44,8 @@ RUNNING: Final = "RUNNING"
 DEPLOY_FAILED: Final = "DEPLOY_FAILED"
 DEPLOY_TIMEOUT_S: Final = 900.0
 POLL_S: Final = 2.0
+#: What a replica is called in messages.
+MODEL_REPLICA: Final = "model replica"
 
 
 @dataclass(frozen=True)
@@ -223,18 +225,25 @@ def check_capacity(config: ServeConfig, task_cpus: float, cluster: dict[str, flo
         )
 
 
+def replica_demand(config: ServeConfig) -> dict[str, float]:
+    """What Ray must find on one node for each replica."""
+    return scheduling.demand_of(config.cpus_per_replica, config.gpus_per_replica)
+
+
 def deploy(
     config: ServeConfig,
     app: str,
     share: bool,
     timeout_s: float = DEPLOY_TIMEOUT_S,
-    on_wait: Callable[[str], None] | None = None,
+    on_wait: Callable[[str, str | None], None] | None = None,
 ) -> bool:
     """Deploy ``app`` unless it is already running; True when an existing one is reused.
 
     Waits for the replicas at most ``timeout_s`` (a GPU node pool may need minutes to scale
-    up), reporting Serve's own message meanwhile, and fails with it instead of hanging when
-    the replicas cannot be placed.
+    up), reporting Serve's own message meanwhile — or, while Ray cannot place a replica (no
+    node offers what it asks for, or none has it free), that reason (``on_wait``'s second
+    argument is then ``Unschedulable``) and fails with it after the job's scheduling bound
+    (:class:`~rasterkube.errors.SchedulingTimeout`), instead of hanging.
     """
     from ray import serve
 
@@ -243,27 +252,36 @@ def deploy(
     if status == RUNNING:
         return True
     target = _deployment_class().options(**_options(config, share)).bind(config)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(serve.run, target, name=app, route_prefix=None)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                future.result(timeout=POLL_S)
-                return False
-            except FutureTimeout:
-                pass
-            status, message = app_status(app)
-            if status == DEPLOY_FAILED:
-                delete(app)
-                raise RuntimeError(f"Ray Serve could not deploy the model: {message}")
-            if time.monotonic() > deadline:
-                delete(app)
-                raise RuntimeError(
-                    f"the model's replicas did not start within {timeout_s:.0f} s ({message or status}); check that "
-                    "the cluster has the CPUs/GPUs that spec.serving asks for"
-                )
-            if on_wait is not None:
-                on_wait(message or f"waiting for replicas ({status})")
+    watch = scheduling.Watch(replica_demand(config), MODEL_REPLICA)  # on_wait reports below, every poll
+    # Not serve.run: it waits for RUNNING in a loop of its own that never ends when the app is
+    # deleted meanwhile (our timeouts delete it); this loop watches the app itself.
+    serve.run_many([serve.RunTarget(target, name=app, route_prefix=None)], wait_for_applications_running=False)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, message = app_status(app)
+        if status == RUNNING:
+            return False
+        if status == DEPLOY_FAILED:
+            delete(app)
+            raise RuntimeError(f"Ray Serve could not deploy the model: {message}")
+        try:
+            # One replica Ray cannot place holds the whole deployment back.
+            wait = watch.check(in_flight=1)
+        except SchedulingTimeout:
+            delete(app)
+            raise
+        if time.monotonic() > deadline:
+            delete(app)
+            raise RuntimeError(
+                f"the model's replicas did not start within {timeout_s:.0f} s ({message or status}); check that "
+                "the cluster has the CPUs/GPUs that spec.serving asks for"
+            )
+        if on_wait is not None:
+            if wait is not None:
+                on_wait(wait.message, Reason.UNSCHEDULABLE.value)
+            else:
+                on_wait(message or f"waiting for replicas ({status})", None)
+        time.sleep(POLL_S)
 
 
 def delete(app: str) -> None:

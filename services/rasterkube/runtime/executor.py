@@ -10,13 +10,19 @@ from typing import Any, TypeVar
 
 import ray
 
-from rasterkube.constants import ENV_RAY_ADDRESS
+from rasterkube.constants import ENV_RAY_ADDRESS, Reason
 from rasterkube.errors import UserError
+from rasterkube.runtime import scheduling
 from rasterkube.runtime.progress import NullReporter, Reporter
 
 T = TypeVar("T")
 LOOPBACK = "127.0.0.1"
 _embedded = False
+#: How long the driver waits for a result before it looks whether Ray can run the tasks at
+#: all (one GCS request per look; results that arrive end the wait at once).
+POLL_S = 1.0
+#: What run_blocks' and TaskGroup's tasks are called in messages.
+BLOCK_TASK = "block task"
 
 # Settings the driver has that the workers need to reach storage (object store endpoint and
 # credentials, GDAL/rasterio tuning). Workers may run on other nodes, or were started before
@@ -137,16 +143,24 @@ def default_in_flight() -> int:
     return max(2, 2 * cpus)
 
 
-def _remote(task: Callable[..., T], num_cpus: float, max_retries: int) -> Any:
-    return _cached_remote(task, num_cpus, max_retries, tuple(sorted(carried_env().items())))
+def _remote(task: Callable[..., T], demand: scheduling.Demand, max_retries: int) -> Any:
+    return _cached_remote(task, tuple(sorted(demand.items())), max_retries, tuple(sorted(carried_env().items())))
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_remote(task: Callable[..., T], num_cpus: float, max_retries: int, env: tuple[tuple[str, str], ...]) -> Any:
+def _cached_remote(
+    task: Callable[..., T], demand: tuple[tuple[str, float], ...], max_retries: int, env: tuple[tuple[str, str], ...]
+) -> Any:
     """One Ray remote function per task and options: Ray pickles a function when it is first
     called remotely, so a new one per call to run_blocks cost every job that again."""
+    resources = dict(demand)
+    options: dict[str, Any] = {"num_cpus": resources.get(scheduling.CPU, 0.0)}
+    if scheduling.GPU in resources:
+        options["num_gpus"] = resources[scheduling.GPU]
+    if scheduling.MEMORY in resources:
+        options["memory"] = resources[scheduling.MEMORY]
     return ray.remote(task).options(
-        num_cpus=num_cpus,
+        **options,
         max_retries=max_retries,
         retry_exceptions=False,
         runtime_env={"env_vars": dict(env)},
@@ -161,11 +175,27 @@ def _run_and_record(item: Any, task: Callable[..., Any], ledger: Any, *args: Any
     return result
 
 
+def _watch(demand: scheduling.Demand, reporter: Reporter, now: Callable[[], tuple[float, str]]) -> scheduling.Watch:
+    """A scheduling watch that reports through ``reporter``: a wait's message (reason
+    Unschedulable) when it starts or changes, and ``now()``'s (percent, message) when it ends."""
+
+    def report(wait: str | None) -> None:
+        percent, message = now()
+        if wait is None:
+            reporter.progress(percent, message)
+        else:
+            reporter.progress(percent, wait, reason=Reason.UNSCHEDULABLE.value)
+
+    return scheduling.Watch(demand, BLOCK_TASK, report=report)
+
+
 def run_blocks(
     task: Callable[..., T],
     items: Sequence[Any],
     *args: Any,
     num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    memory: int | None = None,
     max_in_flight: int | None = None,
     reporter: Reporter | None = None,
     message: str = "processing blocks",
@@ -184,10 +214,16 @@ def run_blocks(
     Resuming (:mod:`rasterkube.staging`): items in ``finished`` are not run again, their
     recorded results are used; with a ``ledger`` (``.record(item, result)``) every task
     records its item once it is done.
+
+    Each task asks Ray for ``num_cpus``, ``num_gpus`` and ``memory`` (bytes). While nothing
+    finishes and Ray cannot place the tasks — no node has that much, or none has it free —
+    the reporter says so (reason ``Unschedulable``), and after the job's scheduling bound
+    (:func:`scheduling.bound`) the run fails with :class:`~rasterkube.errors.SchedulingTimeout`.
     """
     reporter = reporter or NullReporter()
+    demand = scheduling.demand_of(num_cpus, num_gpus, memory)
     call, lead = (_run_and_record, (task, ledger)) if ledger is not None else (task, ())
-    remote = _remote(call, num_cpus, max_retries)
+    remote = _remote(call, demand, max_retries)
     limit = max_in_flight or default_in_flight()
     # Large shared arguments go to the object store once, not once per task.
     shared = [ray.put(a) for a in (*lead, *args)]
@@ -201,18 +237,24 @@ def run_blocks(
     if on_result is not None:
         for index in sorted(results):
             on_result(index, results[index])
+    watch = _watch(demand, reporter,
+                   lambda: (100.0 * len(results) / total, f"{message}: {len(results)}/{total}{reused}"))  # fmt: skip
     reporter.progress(100.0 * len(results) / max(total, 1), f"{message}: {len(results)}/{total}{reused}")
     try:
         while next_todo < len(todo) or pending:
             while next_todo < len(todo) and len(pending) < limit:
                 pending[remote.remote(items[todo[next_todo]], *shared)] = todo[next_todo]
                 next_todo += 1
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            if not done:
+                watch.check(len(pending))
+                continue
             for ref in done:
                 index = pending.pop(ref)
                 results[index] = ray.get(ref)
                 if on_result is not None:
                     on_result(index, results[index])
+            watch.progressed()
             reporter.progress(100.0 * len(results) / total, f"{message}: {len(results)}/{total}{reused}")
     except BaseException:
         _drain(list(pending))
@@ -223,11 +265,21 @@ def run_blocks(
 class TaskGroup:
     """Ray tasks of one function submitted one at a time (e.g. from ``run_blocks``'
     ``on_result``, as the work they need becomes available), with run_blocks' options;
-    :meth:`results` gathers them in submission order. Use as a context manager: leaving it by
-    an exception cancels what is still running, so nothing writes after the caller cleaned up."""
+    :meth:`results` gathers them in submission order (and watches their scheduling as
+    run_blocks does). Use as a context manager: leaving it by an exception cancels what is
+    still running, so nothing writes after the caller cleaned up."""
 
-    def __init__(self, task: Callable[..., T], *args: Any, num_cpus: float = 1.0, max_retries: int = 3) -> None:
-        self._remote = _remote(task, num_cpus, max_retries)
+    def __init__(
+        self,
+        task: Callable[..., T],
+        *args: Any,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        memory: int | None = None,
+        max_retries: int = 3,
+    ) -> None:
+        self._demand = scheduling.demand_of(num_cpus, num_gpus, memory)
+        self._remote = _remote(task, self._demand, max_retries)
         self._shared = [ray.put(a) for a in args]
         self._refs: list[ray.ObjectRef] = []
 
@@ -237,8 +289,16 @@ class TaskGroup:
     def results(self, reporter: Reporter | None = None, message: str = "processing") -> list[Any]:
         reporter = reporter or NullReporter()
         total, left = len(self._refs), list(self._refs)
+        watch = _watch(
+            self._demand, reporter,
+            lambda: (100.0 * (total - len(left)) / total, f"{message}: {total - len(left)}/{total}"),
+        )  # fmt: skip
         while left:
-            _, left = ray.wait(left, num_returns=1)
+            done, left = ray.wait(left, num_returns=1, timeout=POLL_S)
+            if not done:
+                watch.check(len(left))
+                continue
+            watch.progressed()
             reporter.progress(100.0 * (total - len(left)) / total, f"{message}: {total - len(left)}/{total}")
         return ray.get(self._refs)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from typing import Any, Protocol, TextIO
@@ -11,26 +12,36 @@ from rasterkube.constants import PROGRESS_PREFIX, RESULT_PREFIX
 
 
 class Reporter(Protocol):
-    def progress(self, percent: float, message: str) -> None: ...
+    def progress(self, percent: float, message: str, reason: str | None = None) -> None:
+        """``reason``: a constant (rasterkube.constants.Reason value) when the job is held up
+        rather than working, e.g. ``Unschedulable`` while Ray cannot place its tasks; the
+        operator puts it on the status conditions, the CLI always shows such a message."""
 
 
 class LogReporter:
-    """Writes ``RASTERKUBE_PROGRESS {"percent": .., "message": ..}`` lines, throttled."""
+    """Writes ``RASTERKUBE_PROGRESS {"percent": .., "message": .., "reason": ..}`` lines,
+    throttled: one per percent step and interval — except that a message with a reason, or
+    the first after one, is never held back (a wait must be seen when it starts and ends)."""
 
     def __init__(self, stream: TextIO | None = None, min_interval_s: float = 1.0) -> None:
         self._stream = stream or sys.stdout
         self._min_interval = min_interval_s
-        self._last = (-1.0, -1)
+        self._last: tuple[float, int, str, str | None] = (-math.inf, -1, "", None)
 
-    def progress(self, percent: float, message: str) -> None:
+    def progress(self, percent: float, message: str, reason: str | None = None) -> None:
         pct = int(max(0.0, min(100.0, percent)))
         now = time.monotonic()
-        if pct < 100 and pct == self._last[1]:
+        last_time, last_pct, last_message, last_reason = self._last
+        if reason is not None or last_reason is not None:
+            if (pct, message, reason) == (last_pct, last_message, last_reason):
+                return
+        elif pct < 100 and (pct == last_pct or now - last_time < self._min_interval):
             return
-        if pct < 100 and now - self._last[0] < self._min_interval:
-            return
-        self._last = (now, pct)
-        print(PROGRESS_PREFIX + json.dumps({"percent": pct, "message": message}), file=self._stream, flush=True)
+        self._last = (now, pct, message, reason)
+        payload: dict[str, Any] = {"percent": pct, "message": message}
+        if reason is not None:
+            payload["reason"] = reason
+        print(PROGRESS_PREFIX + json.dumps(payload), file=self._stream, flush=True)
 
 
 class ScaledReporter:
@@ -39,21 +50,29 @@ class ScaledReporter:
     def __init__(self, inner: Reporter, lo: float, hi: float) -> None:
         self._inner, self._lo, self._hi = inner, lo, hi
 
-    def progress(self, percent: float, message: str) -> None:
-        self._inner.progress(self._lo + (self._hi - self._lo) * percent / 100.0, message)
+    def progress(self, percent: float, message: str, reason: str | None = None) -> None:
+        self._inner.progress(self._lo + (self._hi - self._lo) * percent / 100.0, message, reason=reason)
 
 
 class NullReporter:
-    def progress(self, percent: float, message: str) -> None:
+    def progress(self, percent: float, message: str, reason: str | None = None) -> None:
         return None
 
 
 class CallbackReporter:
-    def __init__(self, callback: Any) -> None:
-        self._callback = callback
+    """Calls ``callback(percent, message)``; with ``with_reason`` ``callback(percent, message,
+    reason)``."""
 
-    def progress(self, percent: float, message: str) -> None:
-        self._callback(int(max(0.0, min(100.0, percent))), message)
+    def __init__(self, callback: Any, with_reason: bool = False) -> None:
+        self._callback = callback
+        self._with_reason = with_reason
+
+    def progress(self, percent: float, message: str, reason: str | None = None) -> None:
+        pct = int(max(0.0, min(100.0, percent)))
+        if self._with_reason:
+            self._callback(pct, message, reason)
+        else:
+            self._callback(pct, message)
 
 
 def parse_line(line: str) -> tuple[str, dict[str, Any]] | None:
