@@ -64,7 +64,9 @@ def output_dir(root: Path) -> Path:
 
 def stagings(root: Path) -> list[Path]:
     parent = output_dir(root).parent
-    return sorted(parent.glob(f".{NAME}{storage.STAGE_MARKER}*")) if parent.exists() else []
+    # Not the lock file beside a staging (it says whether a live run owns it: rasterkube.locks).
+    found = sorted(parent.glob(f".{NAME}{storage.STAGE_MARKER}*")) if parent.exists() else []
+    return [p for p in found if not p.name.endswith(".lock")]
 
 
 def ledger_count(root: Path) -> int:
@@ -172,7 +174,7 @@ def test_a_changed_spec_reuses_nothing_and_removes_the_old_staging(tmp_path: Pat
     out = str(tmp_path / "out.zarr")
     with pytest.raises(Interrupted):
         run_job(request(src, out), _stop_at(8), max_in_flight=1)
-    (old,) = [p for p in tmp_path.iterdir() if storage.STAGE_MARKER in p.name]
+    (old,) = [p for p in tmp_path.iterdir() if storage.STAGE_MARKER in p.name and not p.name.endswith(".lock")]
     changed = run_job(request(src, out, robustTimeZScore=False))
     assert changed.summary["blocksReused"] == 0
     assert changed.summary["bands"] == ["difference_euclidean_distance", "loo_medoid_euclidean_distance"]

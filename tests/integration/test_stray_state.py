@@ -256,7 +256,8 @@ def test_run_killed_mid_write_leaves_the_next_run_working(workdir: tuple[Path, n
     proc = rasterkube_run(cwd, "cs.yaml")
     try:
         deadline = time.monotonic() + 240
-        while not list((cwd / "out").glob(".score.zarr.tmp-*/variables/c/*")):  # a first block is written
+        # A first block is written (raster jobs write into their staging, rasterkube.staging).
+        while not list((cwd / "out").glob(f".score.zarr{storage.STAGE_MARKER}*/variables/c/*")):
             assert proc.poll() is None, proc.communicate()[1]
             assert time.monotonic() < deadline, "the run never started writing"
             time.sleep(0.01)
@@ -264,7 +265,7 @@ def test_run_killed_mid_write_leaves_the_next_run_working(workdir: tuple[Path, n
         proc.wait()
     finally:
         end_group(proc)
-    assert [e for e in siblings(final) if ".tmp-" in e and not e.endswith(".lock")], "the kill left its copy"
+    assert [e for e in siblings(final) if storage.STAGE_MARKER in e and not e.endswith(".lock")], "the kill left its copy"
     np.testing.assert_array_equal(read(str(final)), previous)  # untouched by the killed run
 
     again = rasterkube_run(cwd, "cs.yaml")
