@@ -395,7 +395,9 @@ def index_collection(prov: Provenance, id_: str, rows: Sequence[tuple[str, Mappi
         "title": f"{prov.kind} {prov.namespace}/{prov.name}",
         "description": f"One GeoZarr store per AOI row of the {prov.kind} {prov.namespace}/{prov.name}: {prov.lineage}",
         "license": LICENSE,
-        "extent": {"spatial": {"bbox": [union, *boxes]}, "temporal": {"interval": [[min(starts), max(ends)]]}},
+        # STAC 1.1: the overall box alone, or followed by two or more sub-boxes (one row: alone).
+        "extent": {"spatial": {"bbox": [union, *boxes] if len(boxes) > 1 else [union]},
+                   "temporal": {"interval": [[min(starts), max(ends)]]}},  # fmt: skip
         "providers": [{"name": SOFTWARE, "roles": ["processor"], **processing_fields(prov)}],
         "links": [{"rel": REL_ITEM, "href": href, "type": GEOJSON_TYPE, "title": item["id"]} for href, item in rows]
         + _links(prov),

@@ -162,11 +162,22 @@ def test_vector_item_assets_beside_it() -> None:
 
 
 def test_index_collection_links_every_row_item() -> None:
+    _index_collection_of(("west", 400_000.0), ("east", 500_000.0))
+
+
+def test_an_index_of_one_row_has_one_box() -> None:
+    """STAC 1.1 allows the overall box alone or with two or more sub-boxes: a one-row index
+    (a Mosaic whose AOI has one row, the e2e client test's) must not list its box twice."""
+    coll = _index_collection_of(("only", 400_000.0))
+    assert len(coll["extent"]["spatial"]["bbox"]) == 1
+
+
+def _index_collection_of(*rows_at: tuple[str, float]) -> dict[str, Any]:
     res = resource(Kind.MOSAIC, {"dataset": "sentinel-2-l2a", "aoi": {"uri": "/aoi.parquet"},
                                  "time": {"start": "2021-01-01", "end": "2022-01-01"}})  # fmt: skip
     p = provenance.Provenance.of(res, "run-3", "composites", sources=["/catalog.json"])
     rows = []
-    for key, x0 in (("west", 400_000.0), ("east", 500_000.0)):
+    for key, x0 in rows_at:
         g = GeoGrid(UTM33, (10.0, 0.0, x0, 0.0, -10.0, 5_600_000.0), (50, 50))
         out = provenance.RasterOutput(g, TIMES[:1], ("b",), "float32", end=np.datetime64("2021-12-31T23:59:59"))
         item = provenance.raster_item(p, provenance.item_id(res.kind, res.namespace, res.name, key), out,
@@ -178,13 +189,16 @@ def test_index_collection_links_every_row_item() -> None:
     coll = provenance.index_collection(p, "mosaic-team-a-r1", rows, "index.parquet")
     stacschema.validate(coll)
     assert [link["href"] for link in coll["links"] if link["rel"] == "item"] == [
-        "./west.zarr/stac-item.json", "./east.zarr/stac-item.json"]  # fmt: skip
+        f"./{key}.zarr/stac-item.json" for key, _ in rows_at]  # fmt: skip
+    if len(rows_at) == 1:
+        return coll
     union, west, east = coll["extent"]["spatial"]["bbox"]
     assert union == [west[0], min(west[1], east[1]), east[2], max(west[3], east[3])]
     assert coll["extent"]["temporal"]["interval"] == [["2019-01-01T00:00:00Z", "2021-12-31T23:59:59Z"]]
     assert coll["assets"]["index"]["href"] == "./index.parquet"
     assert coll["providers"][0]["processing:software"] == {"rasterkube": provenance.software_version()}
     assert coll["rasterkube:spec_hash"] == res.spec_hash
+    return coll
 
 
 # ---------------------------------------------------------------------------- validation
