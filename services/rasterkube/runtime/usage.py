@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import resource
 import threading
@@ -225,29 +226,19 @@ def _since(start: _Start, gpus: float = 0.0) -> Usage:
     )
 
 
+@functools.lru_cache(maxsize=128)
 def measured(task: Callable[..., Any], gpus: float = 0.0) -> Callable[..., tuple[Any, Usage]]:
     """``task`` as a function that returns ``(result, usage of this call)``; ``gpus``: what
-    Ray reserved for it. Module-level (not a closure) so Ray pickles it by reference."""
-    return _Measured(task, gpus)
+    Ray reserved for it. Cached: the same function for the same task, so the executor's cache
+    of remote functions (one pickling per task) keeps working."""
 
-
-class _Measured:
-    def __init__(self, task: Callable[..., Any], gpus: float) -> None:
-        self.task, self.gpus = task, gpus
-        self.__name__ = getattr(task, "__name__", "task")
-        self.__qualname__ = getattr(task, "__qualname__", self.__name__)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, Usage]:
+    @functools.wraps(task)
+    def run_measured(*args: Any, **kwargs: Any) -> tuple[Any, Usage]:
         start = _start()
-        result = self.task(*args, **kwargs)
-        return result, _since(start, self.gpus)
+        result = task(*args, **kwargs)
+        return result, _since(start, gpus)
 
-    # Equal for equal tasks, so executor's cache of remote functions keeps working.
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Measured) and (self.task, self.gpus) == (other.task, other.gpus)
-
-    def __hash__(self) -> int:
-        return hash((self.task, self.gpus))
+    return run_measured
 
 
 # --- the job's accumulator ------------------------------------------------------------------
