@@ -36,3 +36,17 @@ def test_changescore_on_s3_reports_what_it_cost(s3: str) -> None:
     # every chunk of the source was read once (plus metadata); the output and its STAC item written once
     assert 0.9 * src_bytes <= used.bytes_read <= 3 * src_bytes + 2**20, (used.bytes_read, src_bytes)
     assert 0.9 * out_bytes <= used.bytes_written <= 3 * out_bytes + 2**20, (used.bytes_written, out_bytes)
+
+
+def test_local_client_sums_its_runs(tmp_path) -> None:
+    import rasterkube
+
+    src = write_store(str(tmp_path / "src.zarr"), random_series(3, 2, 16, 16, seed=12), chunk=8)
+    client = rasterkube.Client(local=True, storage_root=str(tmp_path / "root"), progress=False)
+    first = client.run_mosaics_change("a", src, methods=["difference"])
+    second = client.run_mosaics_change("b", src, methods=["looMedoid"])
+    runs = [Usage.from_dict(r.status["usage"]) for r in (first, second)]
+    assert all(u.cpu_seconds > 0 and u.wall_seconds > 0 for u in runs)
+    assert runs[0].object_store_requests == 0, "local files are not object-store requests"
+    assert client.usage() == runs[0] + runs[1] == client.usage("ChangeScore")
+    assert client.usage("Mosaic") == Usage()
