@@ -261,6 +261,20 @@ class Accumulator:
         with self._lock:
             return self._usage
 
+    def finish(self, driver: Usage) -> None:
+        """Add the driver's own cost; the job's wall time is the driver's, not a sum over tasks."""
+        with self._lock:
+            tasks = self._usage
+            self._usage = Usage(
+                cpu_seconds=tasks.cpu_seconds + driver.cpu_seconds,
+                gpu_seconds=tasks.gpu_seconds + driver.gpu_seconds,
+                peak_memory_bytes=max(tasks.peak_memory_bytes, driver.peak_memory_bytes),
+                bytes_read=tasks.bytes_read + driver.bytes_read,
+                bytes_written=tasks.bytes_written + driver.bytes_written,
+                object_store_requests=tasks.object_store_requests + driver.object_store_requests,
+                wall_seconds=driver.wall_seconds,
+            )
+
 
 _current: contextvars.ContextVar[Accumulator | None] = contextvars.ContextVar("rasterkube_usage", default=None)
 
@@ -284,14 +298,4 @@ def measure_job() -> Iterator[Accumulator]:
         yield acc
     finally:
         _current.reset(token)
-    driver = _since(start)
-    tasks = acc.usage
-    acc._usage = Usage(  # the job's wall time is the driver's, not a sum over tasks
-        cpu_seconds=tasks.cpu_seconds + driver.cpu_seconds,
-        gpu_seconds=tasks.gpu_seconds,
-        peak_memory_bytes=max(tasks.peak_memory_bytes, driver.peak_memory_bytes),
-        bytes_read=tasks.bytes_read + driver.bytes_read,
-        bytes_written=tasks.bytes_written + driver.bytes_written,
-        object_store_requests=tasks.object_store_requests + driver.object_store_requests,
-        wall_seconds=driver.wall_seconds,
-    )
+    acc.finish(_since(start))
