@@ -32,6 +32,7 @@ from rasterkube.jobs import service_for
 from rasterkube.jobs.context import JobRequest
 from rasterkube.manifests import format_validation_error
 from rasterkube.runner import output_uri
+from rasterkube.runtime.usage import Usage
 from rasterkube.storage import normalize
 from rasterkube_operator.backends.base import Backend, JobSpec, JobState, JobStatus, Owner, job_entrypoint, job_id
 from rasterkube_operator.status import Observation, build_status, changed, now_rfc3339
@@ -60,6 +61,8 @@ class Metrics(Protocol):
 
     def finished(self, kind: Kind, phase: Phase, seconds: float | None) -> None: ...
 
+    def used(self, kind: Kind, namespace: str, usage: Usage) -> None: ...
+
 
 class NoMetrics:
     def reconciled(self, kind: Kind, result: str) -> None: ...
@@ -67,6 +70,8 @@ class NoMetrics:
     def submitted(self, kind: Kind) -> None: ...
 
     def finished(self, kind: Kind, phase: Phase, seconds: float | None) -> None: ...
+
+    def used(self, kind: Kind, namespace: str, usage: Usage) -> None: ...
 
 
 class JobSlots:
@@ -269,9 +274,14 @@ def _observe(
             return Observation(Phase.FAILED, Reason.JOB_FAILED, str(result.get("error")), job=job, completion_time=now)
         outputs = {"uri": result.get("uri") or request.output_uri, "summary": result.get("summary") or _summary(request)}
         deps.metrics.finished(kind, Phase.SUCCEEDED, duration)
+        # Backends without the job's result line (no logs) have no usage to report: none is
+        # invented. Counted once: this branch runs once per generation (then the phase is terminal).
+        usage = Usage.from_dict(result["usage"]).to_dict() if result.get("usage") else None
+        if usage is not None:
+            deps.metrics.used(kind, request.parsed().namespace, Usage.from_dict(usage))
         return Observation(
             Phase.SUCCEEDED, Reason.SUCCEEDED, f"output committed at {outputs['uri']}", outputs=outputs, job=job,
-            completion_time=now, progress={"percent": 100, "message": "done"},
+            completion_time=now, progress={"percent": 100, "message": "done"}, usage=usage,
         )  # fmt: skip
     deps.metrics.finished(kind, Phase.FAILED, duration)
     if state.state == JobState.STOPPED:

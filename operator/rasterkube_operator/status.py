@@ -34,6 +34,8 @@ class Observation:
     job: dict[str, Any] | None = None
     start_time: str | None = None
     completion_time: str | None = None
+    #: What the run cost (rasterkube.runtime.usage.Usage.to_dict()), from the job's result.
+    usage: dict[str, Any] | None = None
 
 
 def _condition(
@@ -79,11 +81,14 @@ def build_status(old: dict[str, Any], obs: Observation, generation: int, now: st
         ("job", obs.job),
         ("startTime", obs.start_time),
         ("completionTime", obs.completion_time),
+        ("usage", obs.usage),
     ):
         if value is not None:
             new[key] = value
     if obs.phase not in (Phase.SUCCEEDED, Phase.FAILED):
         new.pop("completionTime", None)
+    if obs.job is not None and obs.usage is None and (old or {}).get("job", {}).get("id") != obs.job.get("id"):
+        new.pop("usage", None)  # a new run (spec changed): the last run's cost is not this one's
     return new
 
 

@@ -60,6 +60,7 @@ class Outcome:
     start_time: str | None = None
     completion_time: str | None = None
     error: str | None = None
+    usage: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -71,6 +72,8 @@ class Outcome:
             "startTime": self.start_time,
             "completionTime": self.completion_time,
         }
+        if self.usage is not None:
+            out["usage"] = self.usage
         if self.error:
             out["error"] = self.error
         return out
@@ -198,6 +201,7 @@ def run_planned(
         else:
             outcome.phase = Phase.SUCCEEDED
             outcome.outputs = {"uri": result.uri, "summary": result.summary}
+            outcome.usage = result.usage
             written.add(result.uri)
         outcome.completion_time = now()
     return [results[p.item.key] for p in order]

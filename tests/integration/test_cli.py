@@ -41,6 +41,7 @@ def test_example_runs_on_embedded_ray(example_dir: Path) -> None:
     (summary,) = json.loads(proc.stdout)
     assert summary["kind"] == "ChangeScore" and summary["phase"] == "Succeeded"
     assert summary["startTime"] and summary["completionTime"]
+    assert summary["usage"]["cpuSeconds"] > 0 and summary["usage"]["wallSeconds"] > 0  # what the run cost
     assert summary["outputs"]["uri"] == str(example_dir / "out" / "examples" / "landsat-change.zarr")
     assert summary["outputs"]["summary"]["shape"] == [6, 4, 61, 61]
     assert "100%" in proc.stderr  # progress on stderr

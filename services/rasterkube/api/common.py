@@ -267,6 +267,20 @@ class Outputs(ApiModel):
     )
 
 
+class UsageStatus(ApiModel):
+    """What the last successful run cost, measured by the job (rasterkube.runtime.usage)."""
+
+    model_config = ConfigDict(frozen=False)
+
+    cpu_seconds: float = Field(0.0, ge=0, description="CPU-seconds of the job's driver and block tasks.")
+    gpu_seconds: float = Field(0.0, ge=0, description="GPU-seconds Ray reserved for the job's block tasks.")
+    peak_memory_bytes: int = Field(0, ge=0, description="Largest resident memory of one process (driver or worker).")
+    bytes_read: int = Field(0, ge=0, description="Bytes read from the object store.")
+    bytes_written: int = Field(0, ge=0, description="Bytes written to the object store.")
+    object_store_requests: int = Field(0, ge=0, description="Requests made to the object store.")
+    wall_seconds: float = Field(0.0, ge=0, description="Wall time from the job's start to its commit.")
+
+
 class Status(ApiModel):
     """Observed state, written by the operator (or the local runner)."""
 
@@ -280,6 +294,7 @@ class Status(ApiModel):
     job: JobInfo | None = Field(None, description="The Ray job that runs this resource.")
     start_time: str | None = Field(None, description="When the current run started (RFC 3339).")
     completion_time: str | None = Field(None, description="When the current run ended (RFC 3339).")
+    usage: UsageStatus | None = Field(None, description="What the last successful run cost (measured).")
 
 
 class ObjectMeta(BaseModel):

@@ -30,6 +30,9 @@ class CustomObjects(Protocol):
     def delete_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str, name: str,
                                         **kw: Any) -> Any: ...  # fmt: skip
 
+    def list_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str,
+                                      **kw: Any) -> Any: ...  # fmt: skip
+
 
 def custom_objects_api(kubeconfig: str | None = None, context: str | None = None) -> CustomObjects:
     """A CustomObjectsApi for ``kubeconfig`` (default: KUBECONFIG or ~/.kube/config), or the
@@ -102,6 +105,13 @@ class ClusterBackend:
 
     def exists(self, kind: Kind, name: str) -> bool:
         return self.get(kind, name) is not None
+
+    def list(self, kind: Kind, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Every ``kind`` resource of ``namespace`` (default: this backend's)."""
+        ns = namespace or self.namespace
+        found = self._call(f"{kind.value} in namespace {ns}", lambda: self.api.list_namespaced_custom_object(
+            GROUP, VERSION, ns, kind.plural, _request_timeout=REQUEST_TIMEOUT_S))  # fmt: skip
+        return list((found or {}).get("items") or [])
 
     def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Create the resource, or replace its spec if one of that name exists (a changed spec

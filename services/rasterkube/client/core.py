@@ -30,6 +30,7 @@ from rasterkube.client.results import Result, result_from_object
 from rasterkube.constants import API_VERSION, ENV_STORAGE_ROOT, Kind, Phase
 from rasterkube.errors import ResourceFailed, ResourceNotFound, UserError
 from rasterkube.manifests import ManifestError, format_validation_error
+from rasterkube.runtime.usage import Usage
 
 REF_FIELDS: Final = {kind: field.value for field, kind in REF_KINDS.items()}
 AOI_DIR: Final = "aoi"
@@ -523,6 +524,24 @@ class Client:
             deleted = storage.exists(uri) or deleted
             storage.remove(uri)
         return deleted
+
+    def usage(self, kind: Any = None, namespace: str | None = None) -> Usage:
+        """What the resources' last successful runs cost, summed (``status.usage``): CPU and
+        GPU seconds, bytes read and written, object-store requests and wall time add up; the
+        peak memory is the largest of one process. ``kind``: one kind (default all);
+        ``namespace``: default the client's. Local mode sums this session's runs."""
+        kinds = [parse_kind(kind)] if kind is not None else list(Kind)
+        ns = namespace or self.namespace
+        if self._local is not None:
+            statuses = [r.status for (k, _), r in self._local.runs.items() if k in kinds and ns == self.namespace]
+        else:
+            cluster = self._require_cluster()
+            statuses = [obj.get("status") or {} for k in kinds for obj in cluster.list(k, ns)]
+        total = Usage()
+        for status in statuses:
+            if status.get("usage"):
+                total = total + Usage.from_dict(status["usage"])
+        return total
 
     def wait(self, result: Result, timeout: float | None = None) -> Result:
         """Block until ``result``'s resource succeeded, with a progress bar; the final result.

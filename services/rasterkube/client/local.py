@@ -90,6 +90,7 @@ class LocalBackend:
             "job": {"backend": "local"},
             "startTime": outcome.start_time,
             "completionTime": outcome.completion_time,
+            "usage": outcome.usage,
         }
         result = Result(kind.value, resource.name, self.namespace, {k: v for k, v in status.items() if v is not None},
                         manifest)  # fmt: skip

@@ -6,6 +6,7 @@ RAY_ADDRESS), under the Ray Jobs API and under KubeRay.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Protocol, cast
@@ -13,7 +14,7 @@ from typing import Any, Protocol, cast
 from rasterkube.constants import Kind
 from rasterkube.errors import ServiceUnavailable
 from rasterkube.jobs.context import JobContext, JobRequest, JobResult
-from rasterkube.runtime import scheduling
+from rasterkube.runtime import scheduling, usage
 from rasterkube.runtime.executor import ensure_ray
 from rasterkube.runtime.progress import NullReporter, Reporter
 
@@ -91,8 +92,10 @@ def run_job(
     ensure_ray()
     ctx = JobContext(request=request, reporter=reporter or NullReporter(), max_in_flight=max_in_flight)
     # Every wait for Ray to place this job's tasks or replicas ends at the resource's bound.
-    with scheduling.bound(resource.spec.resources.scheduling_timeout_seconds):
-        return service.run(resource, ctx, ctx.reporter, prepared)
+    # Usage is measured from here (Ray up, source checked) to the commit.
+    with scheduling.bound(resource.spec.resources.scheduling_timeout_seconds), usage.measure_job() as used:
+        result = service.run(resource, ctx, ctx.reporter, prepared)
+    return dataclasses.replace(result, usage=used.usage.to_dict())
 
 
 __all__ = ["JobContext", "JobRequest", "JobResult", "run_job", "service_for"]

@@ -67,6 +67,8 @@ class JobRequest:
 class JobResult:
     uri: str
     summary: dict[str, Any]
+    #: What the run cost (:class:`rasterkube.runtime.usage.Usage` as a dict), set by run_job.
+    usage: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

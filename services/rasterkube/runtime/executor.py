@@ -12,7 +12,7 @@ import ray
 
 from rasterkube.constants import ENV_RAY_ADDRESS, Reason
 from rasterkube.errors import UserError
-from rasterkube.runtime import scheduling
+from rasterkube.runtime import scheduling, usage
 from rasterkube.runtime.progress import NullReporter, Reporter
 
 T = TypeVar("T")
@@ -144,6 +144,8 @@ def default_in_flight() -> int:
 
 
 def _remote(task: Callable[..., T], demand: scheduling.Demand, max_retries: int) -> Any:
+    """The remote function of ``task``: it returns ``(result, usage)`` (:func:`_result`)."""
+    task = usage.measured(task, gpus=demand.get(scheduling.GPU, 0.0))
     return _cached_remote(task, tuple(sorted(demand.items())), max_retries, tuple(sorted(carried_env().items())))
 
 
@@ -165,6 +167,13 @@ def _cached_remote(
         retry_exceptions=False,
         runtime_env={"env_vars": dict(env)},
     )
+
+
+def _result(value: tuple[T, usage.Usage]) -> T:
+    """A measured task's result; its usage goes to the job being measured."""
+    result, used = value
+    usage.record(used)
+    return result
 
 
 def _run_and_record(item: Any, task: Callable[..., Any], ledger: Any, *args: Any) -> Any:
@@ -251,7 +260,7 @@ def run_blocks(
                 continue
             for ref in done:
                 index = pending.pop(ref)
-                results[index] = ray.get(ref)
+                results[index] = _result(ray.get(ref))
                 if on_result is not None:
                     on_result(index, results[index])
             watch.progressed()
@@ -300,7 +309,7 @@ class TaskGroup:
                 continue
             watch.progressed()
             reporter.progress(100.0 * (total - len(left)) / total, f"{message}: {total - len(left)}/{total}")
-        return ray.get(self._refs)
+        return [_result(value) for value in ray.get(self._refs)]
 
     def __enter__(self) -> TaskGroup:
         return self
