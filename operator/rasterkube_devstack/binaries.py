@@ -376,19 +376,24 @@ def _kube_ldflags(version: str) -> list[str]:
     return [f"-X '{pkg}.{key}={value}'" for pkg in KUBE_VERSION_PKGS for key, value in values.items()]
 
 
-def _build_kube_apiserver(output: Path) -> None:
+def _go_build_kubernetes(name: str, package: str | list[str], output: Path) -> None:
+    """``go build`` of Kubernetes command(s) at KUBERNETES_VERSION, its staging modules pinned."""
     minor_patch = KUBERNETES_VERSION.split(".", 1)[1]
     _go_build(
-        name="kube-apiserver",
+        name=name,
         dep=KUBERNETES_MODULE,
         dep_version=f"v{KUBERNETES_VERSION}",
         # Staging modules are published as v0.<minor>.<patch> for v1.<minor>.<patch>.
         replace_version=f"v0.{minor_patch}",
-        package=APISERVER_PKG,
+        package=package,
         output=output,
         tags=KUBE_BUILD_TAGS,
         ldflags=_kube_ldflags(KUBERNETES_VERSION),
     )
+
+
+def _build_kube_apiserver(output: Path) -> None:
+    _go_build_kubernetes("kube-apiserver", APISERVER_PKG, output)
     _smoke_check(output, ["--version"], f"v{KUBERNETES_VERSION}", "kube-apiserver build")
 
 
@@ -467,17 +472,8 @@ PAUSE_GO_VERSION = "1.24"
 
 
 def _build_node_components(output_dir: Path) -> None:
-    minor_patch = KUBERNETES_VERSION.split(".", 1)[1]
-    _go_build(
-        name="kubernetes-node",
-        dep=KUBERNETES_MODULE,
-        dep_version=f"v{KUBERNETES_VERSION}",
-        replace_version=f"v0.{minor_patch}",
-        package=[f"{KUBERNETES_MODULE}/cmd/{name}" for name in NODE_COMPONENTS],
-        output=output_dir,
-        tags=KUBE_BUILD_TAGS,
-        ldflags=_kube_ldflags(KUBERNETES_VERSION),
-    )
+    _go_build_kubernetes("kubernetes-node", [f"{KUBERNETES_MODULE}/cmd/{name}" for name in NODE_COMPONENTS],
+                         output_dir)  # fmt: skip
     for name in NODE_COMPONENTS:
         _smoke_check(output_dir / name, ["--version"], f"v{KUBERNETES_VERSION}", f"{name} build")
 

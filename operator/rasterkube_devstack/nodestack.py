@@ -47,7 +47,6 @@ STATE_FILE = "stack.json"
 ENV_FILE = "env.sh"
 VALUES_FILE = "values.yaml"
 BIN_DIR = "bin"
-CRD_DIR = "crds"
 MODE = "node"
 OPERATOR_NAMESPACE = "rasterkube-system"
 #: Namespaces that get the S3 credentials Secret (the operator's and the examples').
@@ -234,17 +233,10 @@ def _link_tools(directory: Path) -> None:
 
 
 def _crd_files(directory: Path) -> list[Path]:
-    from rasterkube import crdgen
-    from rasterkube.constants import Kind
+    """The rasterkube CRDs (rendered as the API-only stack does) and KubeRay's."""
+    from rasterkube_devstack.stack import _render_crds
 
-    out = directory / CRD_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for kind in Kind:
-        path = out / crdgen.crd_filename(kind)
-        path.write_text(crdgen.render(kind), encoding="utf-8")
-        paths.append(path)
-    return [*paths, *kuberay.ensure_kuberay_crds()]
+    return [*_render_crds(directory), *kuberay.ensure_kuberay_crds()]
 
 
 def write_env_file(info: NodeStackInfo) -> Path:
