@@ -14,7 +14,7 @@ from typing import Any, Protocol, cast
 from rasterkube.constants import Kind
 from rasterkube.errors import ServiceUnavailable
 from rasterkube.jobs.context import JobContext, JobRequest, JobResult
-from rasterkube.runtime import scheduling, usage
+from rasterkube.runtime import headwatch, scheduling, usage
 from rasterkube.runtime.executor import ensure_ray
 from rasterkube.runtime.progress import NullReporter, Reporter
 
@@ -93,7 +93,9 @@ def run_job(
     ctx = JobContext(request=request, reporter=reporter or NullReporter(), max_in_flight=max_in_flight)
     # Every wait for Ray to place this job's tasks or replicas ends at the resource's bound.
     # Usage is measured from here (Ray up, source checked) to the commit.
-    with scheduling.bound(resource.spec.resources.scheduling_timeout_seconds), usage.measure_job() as used:
+    # A lost cluster head is reported (and ends this driver) while the job runs: headwatch.
+    with (scheduling.bound(resource.spec.resources.scheduling_timeout_seconds), usage.measure_job() as used,
+          headwatch.watching()):  # fmt: skip
         result = service.run(resource, ctx, ctx.reporter, prepared)
     return dataclasses.replace(result, usage=used.usage.to_dict())
 

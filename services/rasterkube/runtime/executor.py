@@ -45,9 +45,6 @@ ENV_AUTH_TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
 TOKEN_FILE = os.path.join(".ray", "auth_token")  # under the home directory
 
 
-_headwatch: Any = None
-
-
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to RAY_ADDRESS (or ``address``), else start an embedded local Ray once.
 
@@ -68,11 +65,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                 "token auth make its token available (~/.ray/auth_token, RAY_AUTH_TOKEN or "
                 "RAY_AUTH_TOKEN_PATH); unset RAY_ADDRESS to use an embedded local Ray"
             ) from None
-        global _headwatch
-        if _headwatch is None:  # a cluster's head can die under us: say so (see headwatch)
-            from rasterkube.runtime.headwatch import HeadWatch
-
-            _headwatch = HeadWatch(ray.get_runtime_context().gcs_address).start()
     else:
         global _embedded
         _embedded = True

@@ -13,12 +13,13 @@ complete) and finished blocks stay in the staging ledger, so the next run contin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
 EXIT_HEAD_LOST: Final = 3
@@ -86,3 +87,22 @@ class HeadWatch:
 def _exit_head_lost(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
     os._exit(EXIT_HEAD_LOST)  # Ray's threads hold the GCS client: a normal exit would hang
+
+
+@contextlib.contextmanager
+def watching() -> Iterator[None]:
+    """Watch the head for the duration of a job, when this process drives a Ray cluster it
+    joined (RAY_ADDRESS); an embedded Ray dies with this process, so there is nothing to watch.
+    Only while a job runs: between jobs (a notebook's client) the message would not be true."""
+    import ray
+
+    from rasterkube.runtime.executor import embedded
+
+    if not ray.is_initialized() or embedded():
+        yield
+        return
+    watch = HeadWatch(ray.get_runtime_context().gcs_address).start()
+    try:
+        yield
+    finally:
+        watch.stop()
