@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +23,71 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-class PeakRss:
-    """Samples a process tree's RSS in a background thread; ``peak`` is in bytes."""
+def process_label(proc: psutil.Process, root: int) -> str:
+    """What a process of a job's tree is: ``driver`` (the job's own process), ``worker`` (a Ray
+    worker, whatever task it runs), or the program's name (raylet, gcs_server, Ray's Python
+    helpers by script: log_monitor.py, dashboard agents ...)."""
+    if proc.pid == root:
+        return "driver"
+    try:
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return "gone"
+    if cmd and cmd[0].startswith("ray::"):
+        return "worker"
+    if cmd and "python" in Path(cmd[0]).name:
+        script = next((a for a in cmd[1:] if a.endswith(".py")), None)
+        if script:
+            return Path(script).name
+        if "-m" in cmd[:-1]:
+            return cmd[cmd.index("-m") + 1]
+    return Path(cmd[0]).name if cmd else proc.name()
 
-    def __init__(self, pid: int, interval_s: float = 0.05, tree: bool = True) -> None:
+
+class PeakRss:
+    """Samples a process tree's RSS in a background thread; ``peak`` is in bytes.
+
+    With ``breakdown=True`` it also keeps, per kind of process (:func:`process_label`), the RSS
+    at the moment of the tree's peak (``at_peak``) and the largest RSS any one such process had
+    (``largest``): which process holds the memory when it is highest."""
+
+    def __init__(self, pid: int, interval_s: float = 0.05, tree: bool = True, breakdown: bool = False) -> None:
         self._proc = psutil.Process(pid)
         self._interval = interval_s
         self._tree = tree
+        self._breakdown = breakdown
+        self._labels: dict[int, str] = {}
         self._stop = threading.Event()
         self.peak = 0
+        self.at_peak: dict[str, int] = {}
+        self.largest: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        if not self._tree:
+            return self._proc.memory_info().rss
+        if not self._breakdown:
+            return tree_rss(self._proc)
+        by_label: dict[str, int] = {}
+        for p in [self._proc, *self._proc.children(recursive=True)]:
+            try:
+                rss = p.memory_info().rss
+            except psutil.Error:
+                continue
+            # A Ray worker renames itself per task (ray::IDLE, ray::score_block): its first
+            # label is enough, workers are all "worker".
+            label = self._labels.get(p.pid) or self._labels.setdefault(p.pid, process_label(p, self._proc.pid))
+            by_label[label] = by_label.get(label, 0) + rss
+            self.largest[label] = max(self.largest.get(label, 0), rss)
+        total = sum(by_label.values())
+        if total > self.peak:
+            self.at_peak = by_label
+        return total
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                rss = tree_rss(self._proc) if self._tree else self._proc.memory_info().rss
+                rss = self._sample()
             except psutil.Error:
                 rss = 0
             self.peak = max(self.peak, rss)
@@ -53,6 +104,14 @@ class PeakRss:
     @property
     def peak_mib(self) -> float:
         return round(self.peak / 2**20, 1)
+
+    def breakdown_mib(self) -> dict[str, dict[str, float]]:
+        """``at_peak`` and ``largest`` in MiB, largest first."""
+
+        def mib(d: dict[str, int]) -> dict[str, float]:
+            return {k: round(v / 2**20, 1) for k, v in sorted(d.items(), key=lambda kv: -kv[1])}
+
+        return {"at_peak": mib(self.at_peak), "largest_process": mib(self.largest)}
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -73,26 +132,54 @@ def emit(report: dict[str, Any], json_path: str | None) -> None:
         Path(json_path).write_text(text)
 
 
-def run_job_process(kind: str, request: dict[str, Any]) -> tuple[float, float]:
-    """Run ``python -m rasterkube.jobs <kind>`` on an embedded Ray; (peak RSS MiB, seconds).
+@dataclass
+class JobRun:
+    """A job run in its own process: the tree's peak RSS, wall seconds (Python and Ray start
+    included), the job's result line (``usage.wallSeconds``: from Ray up to the commit) and,
+    when asked for, the peak's breakdown by process (:class:`PeakRss`)."""
+
+    peak_rss_mib: float
+    seconds: float
+    result: dict[str, Any]
+    breakdown: dict[str, dict[str, float]] | None = None
+
+
+def run_job_measured(kind: str, request: dict[str, Any], breakdown: bool = False,
+                     nice: int = 0) -> JobRun:  # fmt: skip
+    """Run ``python -m rasterkube.jobs <kind>`` on an embedded Ray, sampling its tree's RSS.
 
     The job's output goes to a file, not a pipe: a pipe nobody reads while we wait would
-    block a chatty job once its buffer is full."""
+    block a chatty job once its buffer is full. ``nice`` lowers the job's priority (its Ray
+    processes inherit it) on a machine shared with interactive work."""
     import os
     import subprocess
     import sys
     import tempfile
 
+    from rasterkube.constants import RESULT_PREFIX
+
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # single-machine Ray on loopback
     command = [sys.executable, "-m", "rasterkube.jobs", kind, "--spec", json.dumps(request)]
+    if nice:
+        command = ["nice", "-n", str(nice), *command]
     with tempfile.TemporaryFile() as out:
         start = time.perf_counter()
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        with PeakRss(proc.pid) as rss:
+        # nice execs the job in the same process: its pid is the tree's root either way.
+        with PeakRss(proc.pid, breakdown=breakdown) as rss:
             proc.wait()
         seconds = time.perf_counter() - start
-        if proc.returncode != 0:
-            out.seek(0)
-            raise SystemExit(f"{kind} job failed ({proc.returncode}): {out.read().decode()[-2000:]}")
-    return rss.peak_mib, seconds
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} job failed ({proc.returncode}): {text[-2000:]}")
+    lines = [line for line in text.splitlines() if line.startswith(RESULT_PREFIX)]
+    result = json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else {}
+    return JobRun(rss.peak_mib, seconds, result, rss.breakdown_mib() if breakdown else None)
+
+
+def run_job_process(kind: str, request: dict[str, Any]) -> tuple[float, float]:
+    """Run ``python -m rasterkube.jobs <kind>`` on an embedded Ray; (peak RSS MiB, seconds)."""
+    run = run_job_measured(kind, request)
+    return run.peak_rss_mib, run.seconds

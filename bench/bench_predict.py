@@ -47,10 +47,12 @@ class SmallUNetHead(torch.nn.Module):
         return self.body(x)
 
 
-def export_model(path: Path, channels: int, classes: int, patch: int) -> Path:
+def export_model(path: Path, channels: int, classes: int, patch: int, net: torch.nn.Module | None = None) -> Path:
+    """``net`` (default: a :class:`SmallUNetHead`) exported with torch.export, dynamic batch."""
     torch.manual_seed(0)
     example = (torch.randn(2, channels, patch, patch),)
-    ep = torch.export.export(SmallUNetHead(channels, classes).eval(), example,
+    net = net if net is not None else SmallUNetHead(channels, classes)
+    ep = torch.export.export(net.eval(), example,
                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))  # fmt: skip
     torch.export.save(ep, str(path))
     return path
