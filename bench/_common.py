@@ -23,6 +23,9 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
+RAY_WORKER_SCRIPTS = ("default_worker.py", "setup_worker.py")
+
+
 def process_label(proc: psutil.Process, root: int) -> str:
     """What a process of a job's tree is: ``driver`` (the job's own process), ``worker`` (a Ray
     worker, whatever task it runs), or the program's name (raylet, gcs_server, Ray's Python
@@ -33,7 +36,9 @@ def process_label(proc: psutil.Process, root: int) -> str:
         cmd = proc.cmdline()
     except psutil.Error:
         return "gone"
-    if cmd and cmd[0].startswith("ray::"):
+    # A Ray worker is "ray::<task>" once it runs, and setup_worker.py → default_worker.py
+    # while it starts (with a runtime_env).
+    if cmd and (cmd[0].startswith("ray::") or any(a.endswith(RAY_WORKER_SCRIPTS) for a in cmd)):
         return "worker"
     if cmd and "python" in Path(cmd[0]).name:
         script = next((a for a in cmd[1:] if a.endswith(".py")), None)
