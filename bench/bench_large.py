@@ -16,8 +16,9 @@ output lives in a temporary directory (``--tmp``) removed after each kind.
 
 Times are reported twice: ``seconds`` (the process, with Python and Ray start) and
 ``job_seconds`` (the job's own ``usage.wallSeconds``: from Ray up to the commit); Mpx/s and
-seconds per Mpx use the latter. The load average is recorded with each run: on a shared
-machine other work takes cores too.
+seconds per Mpx use the latter. On a shared machine other work takes cores too, so the load
+average is recorded with each run, and ``cpu_seconds`` (``usage.cpuSeconds``: the job's
+tasks and driver) measures the work itself: linear in area means ``cpu_ratio_per_area`` ≈ 1.
 """
 
 from __future__ import annotations
@@ -178,13 +179,16 @@ def measure(kind: str, side: int, chunk: int, tmp_root: str, nice: int) -> dict[
         made = time.perf_counter() - start
         load = os.getloadavg()
         run = run_job_measured(kind, request, breakdown=True, nice=nice)
-        job_s = float((run.result.get("usage") or {}).get("wallSeconds") or run.seconds)
+        usage = run.result.get("usage") or {}
+        job_s = float(usage.get("wallSeconds") or run.seconds)
+        cpu_s = float(usage.get("cpuSeconds") or 0.0)
         mpx = side * side / 1e6
         summary = run.result.get("summary", {})
         return {
             "side": side, "mpx": round(mpx, 2), "peak_rss_mib": run.peak_rss_mib,
             "seconds": round(run.seconds, 2), "job_seconds": round(job_s, 2),
             "mpx_per_s": round(mpx / job_s, 3), "seconds_per_mpx": round(job_s / mpx, 4),
+            "cpu_seconds": round(cpu_s, 2), "cpu_seconds_per_mpx": round(cpu_s / mpx, 4),
             "blocks": summary.get("blocks"), "features": summary.get("feature_count"),
             "patches": summary.get("patches"),
             "input_mib": round(du(Path(request["sourceUri"])) / 2**20, 1),
@@ -230,6 +234,9 @@ def main() -> None:
             "time_ratio": round(time_ratio, 3),
             # 1.0 = exactly linear in area; > 1 superlinear.
             "time_ratio_per_area": round(time_ratio / area_ratio, 3),
+            # The same for the CPU-seconds the job's tasks and driver used (usage.cpuSeconds):
+            # the work done, whatever else the machine runs meanwhile.
+            "cpu_ratio_per_area": round(large["cpu_seconds"] / max(small["cpu_seconds"], 1e-9) / area_ratio, 3),
         }  # fmt: skip
         emit(report, args.json)  # after every kind: a long run keeps what it measured
     report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
