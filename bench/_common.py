@@ -65,6 +65,7 @@ class PeakRss:
         self._stop = threading.Event()
         self.peak = 0
         self.at_peak: dict[str, int] = {}
+        self.count_at_peak: dict[str, int] = {}
         self.largest: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -74,6 +75,7 @@ class PeakRss:
         if not self._breakdown:
             return tree_rss(self._proc)
         by_label: dict[str, int] = {}
+        count: dict[str, int] = {}
         for p in [self._proc, *self._proc.children(recursive=True)]:
             try:
                 rss = p.memory_info().rss
@@ -83,10 +85,11 @@ class PeakRss:
             # label is enough, workers are all "worker".
             label = self._labels.get(p.pid) or self._labels.setdefault(p.pid, process_label(p, self._proc.pid))
             by_label[label] = by_label.get(label, 0) + rss
+            count[label] = count.get(label, 0) + 1
             self.largest[label] = max(self.largest.get(label, 0), rss)
         total = sum(by_label.values())
         if total > self.peak:
-            self.at_peak = by_label
+            self.at_peak, self.count_at_peak = by_label, count
         return total
 
     def _run(self) -> None:
@@ -111,12 +114,14 @@ class PeakRss:
         return round(self.peak / 2**20, 1)
 
     def breakdown_mib(self) -> dict[str, dict[str, float]]:
-        """``at_peak`` and ``largest`` in MiB, largest first."""
+        """``at_peak`` and ``largest`` in MiB, largest first, and how many processes of each
+        kind there were at the peak."""
 
         def mib(d: dict[str, int]) -> dict[str, float]:
             return {k: round(v / 2**20, 1) for k, v in sorted(d.items(), key=lambda kv: -kv[1])}
 
-        return {"at_peak": mib(self.at_peak), "largest_process": mib(self.largest)}
+        return {"at_peak": mib(self.at_peak), "largest_process": mib(self.largest),
+                "processes_at_peak": dict(sorted(self.count_at_peak.items()))}  # fmt: skip
 
 
 def machine_cpu() -> tuple[float, float]:
