@@ -33,6 +33,7 @@ the summary says why (``note``: the largest value, no valid pixel, or all under 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -91,6 +92,17 @@ class BlockOutput:
     final: list[list[P.Rows | P.Components]]
     pieces: list[list[P.BlockPieces]]
     empty_max: list[list[float | None]]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled whole, numpy arrays in band: Ray deserializes out-of-band arrays as views
+        into its object store, and any view the driver keeps (a block's seam strips stay in
+        the SeamMerger, its rows until the file is written) pins the block's whole result
+        there — every polygon twice, in the store and in the driver, growing with the area."""
+        return _unpickle_output, (pickle.dumps((self.final, self.pieces, self.empty_max), protocol=pickle.HIGHEST_PROTOCOL),)
+
+
+def _unpickle_output(data: bytes) -> BlockOutput:
+    return BlockOutput(*pickle.loads(data))
 
 
 def vectorize_block(block: Window, p: BlockParams) -> BlockOutput:
@@ -372,7 +384,7 @@ def feature_table(parts: list[tuple[str, np.datetime64, P.Rows]], crs: str, stat
         columns.update(score_min=pa.array(m.vmin[order], pa.float64()), score_max=pa.array(m.vmax[order], pa.float64()),
                        score_std=pa.array(m.std[order], pa.float64()), pixel_count=pa.array(m.count[order], pa.int64()),
                        area_m2=pa.array(rows.area_m2[order], pa.float64()))  # fmt: skip
-    columns["geometry"] = pa.array(rows.wkb[order], pa.binary())
+    columns["geometry"] = binary_column(rows.wkb[order])
     if centerlines:
         columns["centerline"] = pa.array(rows.centerline[order], pa.binary())
     bbox = rows.bbox[order]
@@ -382,6 +394,24 @@ def feature_table(parts: list[tuple[str, np.datetime64, P.Rows]], crs: str, stat
     table = pa.table(columns)
     meta = geo_metadata(crs, rows, centerlines)
     return table.replace_schema_metadata({b"geo": json.dumps(meta).encode()})
+
+
+def binary_column(values: np.ndarray) -> Any:
+    """An Arrow binary column of ``values`` (an object array of ``bytes``) built from one
+    buffer of the exact size: ``pa.array`` on the object array grows its buffer by doubling
+    and held 2.7× the column at its peak — on the driver, where the column of every polygon
+    of the output is built. Missing values (None) take ``pa.array``'s way."""
+    import pyarrow as pa
+
+    try:
+        data = b"".join(values)
+    except TypeError:  # None among the values: pa.array gives them a validity bitmap
+        return pa.array(values, pa.binary())
+    offsets = np.zeros(len(values) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, values), np.int64, len(values)), out=offsets[1:])
+    # 32-bit offsets as pa.array makes them; a column over 2 GiB needs 64-bit ones.
+    kind, width = (pa.binary(), np.int32) if len(data) <= np.iinfo(np.int32).max else (pa.large_binary(), np.int64)
+    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(offsets.astype(width)), pa.py_buffer(data)])
 
 
 def hilbert_order(bbox: np.ndarray) -> np.ndarray:
