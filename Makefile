@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := requirements/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit test-node node-deps bench bench-operator crds check-crds dockerfile clean
+.PHONY: install demo test test-unit test-node node-deps bench bench-large bench-operator crds check-crds dockerfile clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "rasterkube needs Python >= 3.11 (set PYTHON=...)")'
@@ -45,6 +45,10 @@ bench: $(STAMP)
 	$(PY) bench/bench_predict.py --json out/bench/predict.json
 	$(PY) bench/bench_reads.py --json out/bench/reads.json
 	$(PY) bench/bench_resume.py --json out/bench/resume.json
+
+# 16384² px jobs: about half an hour on 2 cores, so not part of `make bench`.
+bench-large: $(STAMP)
+	$(PY) bench/bench_large.py --json out/bench/large.json
 
 bench-operator: $(STAMP)
 	$(PY) bench/bench_operator.py --json out/bench/operator.json
