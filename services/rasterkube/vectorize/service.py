@@ -98,7 +98,8 @@ class BlockOutput:
         into its object store, and any view the driver keeps (a block's seam strips stay in
         the SeamMerger, its rows until the file is written) pins the block's whole result
         there — every polygon twice, in the store and in the driver, growing with the area."""
-        return _unpickle_output, (pickle.dumps((self.final, self.pieces, self.empty_max), protocol=pickle.HIGHEST_PROTOCOL),)
+        parts = (self.final, self.pieces, self.empty_max)
+        return _unpickle_output, (pickle.dumps(parts, protocol=pickle.HIGHEST_PROTOCOL),)
 
 
 def _unpickle_output(data: bytes) -> BlockOutput:
