@@ -63,6 +63,13 @@ class ServeConfig:
     gpus_per_replica: float
     idle_timeout_s: float = 120.0
     probe_channels: int | None = None
+    #: spec.precision: fp32, bf16 or fp16 (autocast on the replica).
+    precision: str = "fp32"
+    #: spec.compile: torch.compile once per replica.
+    compile: bool = False
+    #: (channels, patch, patch) of the batches, for the compiled model's warm-up call; None
+    #: without compile (a shared uncompiled deployment serves any patch size).
+    warmup_input: tuple[int, int, int] | None = None
 
     def key(self) -> str:
         # The URI is not part of the identity (the content is): a model moved to S3 stays shared.
@@ -97,18 +104,24 @@ class Predictor(Protocol):
 
 
 class TorchRunner:
-    """The model on one device; shared by the replica and the in-process baseline."""
+    """The model on one device; shared by the replica and the in-process baseline.
+
+    Precision, compilation and the CUDA feed are :mod:`rasterkube.predict.inference`'s."""
 
     def __init__(self, config: ServeConfig) -> None:
         import torch
 
-        from rasterkube.predict import models
+        from rasterkube.predict import inference, models
 
         torch.set_num_threads(torch_threads(config.cpus_per_replica))
         # Batches arrive zero-copy from Ray's object store, hence read-only; the model never
         # writes to its input, so torch's warning about non-writable arrays does not apply.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.device = pick_device(config.device, torch.cuda.is_available())
+        # Before loading anything: fp16 on a replica that got no GPU is refused, not emulated.
+        inference.check_precision(config.precision, self.device)
+        if config.compile:
+            inference.check_toolchain(self.device, f"the {MODEL_REPLICA}'s machine")
         fetched = models.fetch(config.model_uri)
         if fetched.sha256 != config.model_sha256:
             raise RuntimeError(
@@ -116,25 +129,33 @@ class TorchRunner:
                 f"{config.model_sha256[:12]}); run the Prediction again"
             )
         loaded = models.load(fetched.path, config.model_uri, probe_channels=config.probe_channels)
-        self.model = loaded.model.to(self.device)
-        self.transforms = loaded.transforms.to(self.device) if loaded.transforms is not None else None
-        self.softmax = config.softmax
+        if config.compile and loaded.signature.format != models.FORMAT_PT2:
+            raise inference.CompileError(inference.COMPILE_TORCHSCRIPT)
+        self.module = inference.served(loaded.model, loaded.transforms, config.softmax).to(self.device)
+        self.autocast = inference.autocast_dtype(config.precision)
         self.max_batch_size = config.max_batch_size
+        self.compiled = config.compile
+        self.forward: Callable[[Any], Any] = self.module
+        self.feed = inference.CudaFeed(self.device) if self.device == inference.CUDA else None
+        if config.compile:
+            inference.use_inductor_cache()
+            # Static shapes: every batch is padded to maxBatchSize, so one graph serves all.
+            self.forward = torch.compile(self.module, dynamic=False)
+            if config.warmup_input is not None:  # compile now, not on the first real batch
+                self.predict(np.zeros((self.max_batch_size, *config.warmup_input), dtype=np.float32))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        outs = []
-        with torch.inference_mode():
-            for start in range(0, len(batch), self.max_batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(batch[start : start + self.max_batch_size]))
-                x = x.to(self.device, dtype=torch.float32, non_blocking=True)
-                if self.transforms is not None:
-                    x = self.transforms(x)
-                y = self.model(x)
-                if self.softmax:
-                    y = torch.softmax(y, dim=1)
-                outs.append(y.float().cpu().numpy())
+        from rasterkube.predict import inference
+
+        with torch.inference_mode(), inference.autocast(self.device, self.autocast):
+            if self.feed is not None:
+                return self.feed.run(batch, self.max_batch_size, self.compiled, self.forward)
+            outs = [
+                self.forward(torch.from_numpy(x))[: sl.stop - sl.start].numpy()
+                for sl, x in inference.iter_cpu_batches(batch, self.max_batch_size, pad=self.compiled)
+            ]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
 
