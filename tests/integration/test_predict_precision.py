@@ -126,6 +126,22 @@ def test_prediction_with_bf16_and_compile_is_within_tolerance(model: Path, tmp_p
 
 
 @pytest.mark.usefixtures("ray_session")
+def test_replica_without_a_gpu_refuses_fp16_as_a_user_error(model: Path) -> None:
+    # device auto, and the replica sees no GPU (the API refuses gpusPerReplica 0 with fp16; a
+    # replica can still end up without one, e.g. on a CPU-only torch): Serve reports our error.
+    from rasterkube.errors import UserError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: device auto picks it")
+    cfg = dataclasses.replace(config(model), device="auto", precision="fp16")
+    app = cfg.app_name(False, "fp16-on-cpu")
+    with pytest.raises(UserError, match=r"^spec\.precision: fp16 runs on CUDA GPUs only.*runs on cpu") as err:
+        serving.deploy(cfg, app, share=False)
+    assert "Traceback" not in str(err.value)
+    assert serving.app_status(app)[0] is None, "the failed application is deleted"
+
+
+@pytest.mark.usefixtures("ray_session")
 def test_bad_compile_input_names_the_field_and_writes_nothing(
     model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

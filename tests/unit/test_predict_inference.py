@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from rasterkube.api import Prediction
+from rasterkube.errors import UserError
 from rasterkube.predict import inference, serving
 
 
@@ -211,3 +212,22 @@ def test_cuda_feed_pads_with_zeros_not_stale_patches() -> None:
     feed.run(np.ones((7, 1, 2, 2), np.float32), 4, True, forward)
     assert (inputs[1][:3] == 1).all() and (inputs[1][3:] == 0).all()
 
+
+
+def test_a_replica_user_error_becomes_the_deploy_error() -> None:
+    # Serve's deployment message: the replica constructor's traceback, our error last
+    traceback = (
+        'Traceback (most recent call last):\n  File ".../replica.py", line 4008, in _call_func_or_gen\n'
+        "    result = callable(*args, **kwargs)\n"
+        '  File ".../inference.py", line 87, in check_precision\n    raise PrecisionError(\n'
+        "rasterkube.predict.inference.PrecisionError: spec.precision: fp16 runs on CUDA GPUs only, and this "
+        "model replica runs on cpu (no GPU visible to it); use bf16 or fp32"
+    )
+    err = serving.deploy_failure("Failed to update the deployments ['ModelServer'].", [traceback])
+    assert type(err) is UserError
+    assert str(err).startswith("spec.precision: fp16 runs on CUDA GPUs only") and "Traceback" not in str(err)
+    fault = serving.deploy_failure("Failed to update the deployments ['ModelServer'].",
+                                   ["Traceback ...\n  File x\nRuntimeError: CUDA error: out of memory\n"])  # fmt: skip
+    assert type(fault) is RuntimeError
+    assert str(fault) == "Ray Serve could not deploy the model: RuntimeError: CUDA error: out of memory"
+    assert "deployments ['ModelServer']" in str(serving.deploy_failure("Failed to update the deployments ['ModelServer'].", []))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -283,8 +284,9 @@ def deploy(
         if status == RUNNING:
             return False
         if status == DEPLOY_FAILED:
+            failure = deploy_failure(message, deployment_messages(app))
             delete(app)
-            raise RuntimeError(f"Ray Serve could not deploy the model: {message}")
+            raise failure
         try:
             # One replica Ray cannot place holds the whole deployment back.
             wait = watch.check(in_flight=1)
@@ -303,6 +305,33 @@ def deploy(
             else:
                 on_wait(message or f"waiting for replicas ({status})", None)
         time.sleep(POLL_S)
+
+
+# The last line of a replica's traceback when it raised one of our user errors (bad precision
+# for the device, compile without a compiler, a model it cannot fetch): the message names the
+# field and the fix, so it is the whole story.
+_REPLICA_USER_ERROR: Final = re.compile(r"^rasterkube\.[\w.]+: (spec\..+)$", re.MULTILINE)
+
+
+def deployment_messages(app: str) -> list[str]:
+    """Serve's per-deployment messages of ``app`` (a failed replica's traceback is there; the
+    application's own message only says which deployments failed)."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    return [] if status is None else [d.message for d in status.deployments.values() if d.message]
+
+
+def deploy_failure(app_message: str, deployment_messages: list[str]) -> Exception:
+    """What a failed deployment means to the user: a replica's user error as a :class:`UserError`
+    (nothing to retry: the run's staging is discarded), anything else as a fault with the
+    replica's last traceback line."""
+    text = "\n".join(deployment_messages)
+    found = _REPLICA_USER_ERROR.findall(text)
+    if found:
+        return UserError(found[-1])
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return RuntimeError(f"Ray Serve could not deploy the model: {lines[-1] if lines else app_message}")
 
 
 def delete(app: str) -> None:
