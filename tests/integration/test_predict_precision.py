@@ -86,11 +86,15 @@ def test_fp16_on_a_cpu_replica_is_refused(model: Path) -> None:
         serving.TorchRunner(dataclasses.replace(config(model), device="auto", precision="fp16"))
 
 
-def test_compile_without_a_compiler_is_refused_in_the_replica(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def no_cxx() -> object:
+    """Inductor's compiler search finds nothing (its own config patch: restored on exit)."""
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("rasterkube-test-no-such-c++",))
-    with pytest.raises(inference.CompileError, match=r"^spec\.compile: the model replica's machine has no C\+\+"):
+    return inductor_config.patch({"cpp.cxx": ("rasterkube-test-no-such-c++",)})
+
+
+def test_compile_without_a_compiler_is_refused_in_the_replica(model: Path) -> None:
+    with no_cxx(), pytest.raises(inference.CompileError, match=r"^spec\.compile: the model replica's machine has no C\+\+"):
         serving.TorchRunner(config(model, compile=True, warmup_input=(4, 32, 32)))
 
 
@@ -142,11 +146,8 @@ def test_replica_without_a_gpu_refuses_fp16_as_a_user_error(model: Path) -> None
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_bad_compile_input_names_the_field_and_writes_nothing(
-    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_bad_compile_input_names_the_field_and_writes_nothing(model: Path, tmp_path: Path) -> None:
     from rasterkube.errors import UserError
-    from torch._inductor import config as inductor_config
 
     src = write_store(str(tmp_path / "src.zarr"), random_series(1, 4, 24, 24, seed=1), chunk=16)
     script = tmp_path / "net.ts"
@@ -154,7 +155,6 @@ def test_bad_compile_input_names_the_field_and_writes_nothing(
     out = tmp_path / "out.zarr"
     with pytest.raises(UserError, match=r"^spec\.compile: TorchScript models cannot be compiled"):
         run_job(request(src, str(out), str(script), compile=True))
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("rasterkube-test-no-such-c++",))
-    with pytest.raises(UserError, match=r"^spec\.compile: the job's machine has no C\+\+ compiler"):
+    with no_cxx(), pytest.raises(UserError, match=r"^spec\.compile: the job's machine has no C\+\+ compiler"):
         run_job(request(src, str(out), str(model), compile=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.ts", "src.zarr"], "nothing written"
