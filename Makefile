@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_vectorize.py --json out/bench/vectorize.json
 	$(PY) bench/bench_mosaic.py --json out/bench/mosaic.json
 	$(PY) bench/bench_predict.py --json out/bench/predict.json
+	$(PY) bench/bench_precision.py --request-batches 4 --json out/bench/precision.json
 	$(PY) bench/bench_reads.py --json out/bench/reads.json
 	$(PY) bench/bench_resume.py --json out/bench/resume.json
 

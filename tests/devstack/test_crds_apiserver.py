@@ -54,6 +54,16 @@ def test_valid_resources_accepted_and_defaulted(kubectl: list[str]) -> None:
     assert got["spec"]["distance"] == "cosine" and got["spec"]["resources"]["cpus"] == 1
     vec = apply(kubectl, cr("Vectorization", "v", {"source": {"changeScoreRef": {"name": "ok"}}, "features": ["a"]}))
     assert vec.returncode == 0, vec.stderr
+    model = {"uri": "m.pt2", "features": ["a"], "labels": ["b"]}
+    fp16 = apply(kubectl, cr("Prediction", "fp16", {"source": {"mosaicRef": {"name": "m"}}, "model": model,
+                                                    "precision": "fp16", "compile": True,
+                                                    "serving": {"gpusPerReplica": 1}, "resources": {"gpus": 1}}))
+    assert fp16.returncode == 0, fp16.stderr
+    pred = apply(kubectl, cr("Prediction", "plain", {"source": {"mosaicRef": {"name": "m"}}, "model": model}))
+    assert pred.returncode == 0, pred.stderr
+    got = yaml.safe_load(subprocess.run([*kubectl, "get", "prediction", "plain", "-o", "yaml"], capture_output=True,
+                                        text=True, check=True).stdout)  # fmt: skip
+    assert got["spec"]["precision"] == "fp32" and got["spec"]["compile"] is False
 
 
 @pytest.mark.parametrize(
@@ -73,6 +83,16 @@ def test_valid_resources_accepted_and_defaulted(kubectl: list[str]) -> None:
         ("Prediction", {"source": {"mosaicRef": {"name": "m"}}, "serving": {"maxReplicas": 1, "replicas": 2},
                         "model": {"uri": "m.pt2", "features": ["a"], "labels": ["b"]}},
          "serving.maxReplicas: must be at least replicas"),
+        ("Prediction", {"source": {"mosaicRef": {"name": "m"}}, "precision": "fp16", "device": "cpu",
+                        "serving": {"gpusPerReplica": 1}, "resources": {"gpus": 1},
+                        "model": {"uri": "m.pt2", "features": ["a"], "labels": ["b"]}},
+         "precision: fp16 runs on CUDA GPUs only"),
+        ("Prediction", {"source": {"mosaicRef": {"name": "m"}}, "precision": "fp16",
+                        "model": {"uri": "m.pt2", "features": ["a"], "labels": ["b"]}},
+         "precision: fp16 runs on CUDA GPUs only"),
+        ("Prediction", {"source": {"mosaicRef": {"name": "m"}}, "precision": "int8",
+                        "model": {"uri": "m.pt2", "features": ["a"], "labels": ["b"]}},
+         "Unsupported value: \"int8\""),
         ("Vectorization", {"source": {"uri": "a"}, "features": ["a"], "connectivity": 6}, "connectivity: must be 4 or 8"),
         ("Mosaic", {"dataset": "sentinel-2-l2a", "aoi": {"bbox": [1, 0, 0, 1]},
                     "time": {"start": "2020-01-01", "end": "2021-01-01"}}, "aoi.bbox: must be"),

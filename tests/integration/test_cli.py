@@ -153,6 +153,12 @@ def test_bad_manifest_exits_2_with_one_clear_message(example_dir: Path, case: st
          "spec.source: required field is missing"),
         ("apiVersion: rasterkube.dev/v1alpha1\nkind: ChangeScore\nmetadata: {name: a}\nspec:\n"
          "  source: {mosaicRef: {name: ghost}}\n", "spec.source.mosaicRef.name: no Mosaic named 'ghost'"),
+        ("apiVersion: rasterkube.dev/v1alpha1\nkind: Prediction\nmetadata: {name: a}\nspec:\n  source: {uri: s.zarr}\n"
+         "  model: {uri: m.pt2, features: [a], labels: [b]}\n  device: cpu\n  precision: fp16\n",
+         "spec.precision: fp16 runs on CUDA GPUs only; use bf16 or fp32 on CPU"),
+        ("apiVersion: rasterkube.dev/v1alpha1\nkind: Prediction\nmetadata: {name: a}\nspec:\n  source: {uri: s.zarr}\n"
+         "  model: {uri: m.pt2, features: [a], labels: [b]}\n  precision: int8\n",
+         "spec.precision: 'int8' is not allowed"),
         ("apiVersion: rasterkube.dev/v1alpha1\nkind: Mosaic\nmetadata: {name: a}\nspec:\n  dataset: landsat-c2-l2\n"
          "  stac: {catalog: missing/catalog.json}\n"
          "  aoi: {bbox: [0, 0, 1, 1]}\n  time: {start: '2020-01-01', end: '2021-01-01'}\n",

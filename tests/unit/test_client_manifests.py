@@ -48,6 +48,11 @@ def test_sources_and_snake_case_values() -> None:
     assert p.manifest["spec"]["model"]["actor"] == "changeDetection"
     assert p.manifest["spec"]["mergeMode"] == "weightedAverage" and p.manifest["spec"]["serving"]["gpusPerReplica"] == 0.5
     assert p.manifest["spec"]["resources"]["gpus"] == 1, "GPU replicas get GPU workers"
+    assert "precision" not in p.manifest["spec"] and "compile" not in p.manifest["spec"], "the spec's defaults"
+    fast = client.predict_mosaic("p", mosaic, "m.pt2", "regression", "a", "b", precision="bf16", compile=True)
+    assert fast.manifest["spec"]["precision"] == "bf16" and fast.manifest["spec"]["compile"] is True
+    with pytest.raises(UserError, match=r"precision.*fp16 runs on CUDA GPUs only"):
+        client.predict_mosaic("p", mosaic, "m.pt2", "regression", "a", "b", precision="fp16", device="cpu")
     other_ns = Result("Mosaic", "m", "elsewhere", {"outputs": {"uri": "s3://b/m", "summary": {"bands": []}}})
     assert client.predict_mosaic("p", other_ns, "m.pt2", "regression", "a", "b").manifest["spec"]["source"] == {"uri": "s3://b/m"}
     c = client.run_mosaics_change("c", ("Prediction", "emb"), methods="cluster_transition", distance="alpha_earth_cosine",

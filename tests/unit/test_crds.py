@@ -74,6 +74,10 @@ def test_cel_rules_and_enums_reach_the_crd() -> None:
     source_rules = [r["rule"] for r in spec["properties"]["source"]["x-kubernetes-validations"]]
     assert any("filter(x, x).size() == 1" in r for r in source_rules)
     assert spec["properties"]["mergeMode"]["enum"] == ["clip", "weightedAverage"]
+    assert spec["properties"]["precision"]["enum"] == ["fp32", "bf16", "fp16"]
+    assert spec["properties"]["precision"]["default"] == "fp32" and spec["properties"]["compile"]["default"] is False
+    # pydantic's rule on precision, as CEL (the API server's test is tests/devstack/test_crds_apiserver.py)
+    assert any("self.precision != 'fp16'" in r and "gpusPerReplica > 0.0" in r for r in rules)
     assert spec["properties"]["patchSize"]["default"] == 256
     # nested defaults are materialised by the API server only when the parent defaults to {}
     assert spec["properties"]["serving"]["default"] == {}

@@ -63,6 +63,28 @@ def test_clip_size_must_be_below_half_patch() -> None:
         prediction(patchSize=64, clipSize=32)
 
 
+def test_precision_and_compile_defaults_and_rules() -> None:
+    from rasterkube.manifests import format_validation_error
+
+    spec = prediction()
+    assert spec.precision == "fp32" and spec.compile is False
+    assert spec.to_wire()["precision"] == "fp32" and spec.to_wire()["compile"] is False
+    gpu = {"serving": {"gpusPerReplica": 1}, "resources": {"gpus": 1}}
+    assert prediction(precision="fp16", **gpu).precision == "fp16"
+    assert prediction(precision="fp16", device="cuda", compile=True, **gpu).compile is True
+    assert prediction(precision="bf16", device="cpu").precision == "bf16"
+    for bad in ({"device": "cpu", **gpu}, {}, {"device": "cuda"}):
+        with pytest.raises(ValidationError) as err:
+            prediction(precision="fp16", **bad)
+        assert format_validation_error(err.value, "spec").startswith("spec.precision: fp16 runs on CUDA GPUs only"), bad
+    with pytest.raises(ValidationError) as err:
+        prediction(precision="int8")
+    assert format_validation_error(err.value, "spec").startswith("spec.precision: 'int8' is not allowed")
+    with pytest.raises(ValidationError) as err:
+        prediction(compile="sometimes")
+    assert format_validation_error(err.value, "spec").startswith("spec.compile: input should be a valid boolean")
+
+
 def test_unknown_enum_and_field_rejected() -> None:
     with pytest.raises(ValidationError) as err:
         ChangeScoreSpec.model_validate({"source": {"uri": "a"}, "distance": "manhattan", "colour": 1})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from rasterkube.api.common import (
     CEL,
@@ -180,6 +180,22 @@ class DeviceKind(StrEnum):
     CUDA = "cuda"
 
 
+class Precision(StrEnum):
+    """Arithmetic the model runs in on the replica (autocast); outputs are float32 either way."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+# fp16 autocast is a CUDA feature (CPU kernels for it are few and slow): the replica must get
+# a GPU, which it does only with device auto/cuda and serving.gpusPerReplica > 0.
+FP16_NEEDS_GPU = (
+    "precision: fp16 runs on CUDA GPUs only; use bf16 or fp32 on CPU, or give the replicas a GPU "
+    "(device auto or cuda with serving.gpusPerReplica > 0)"
+)
+
+
 class ModelSpec(ApiModel):
     """The model and how its inputs and outputs map to bands."""
 
@@ -255,6 +271,11 @@ class PredictionSpec(ApiModel):
                     " || (has(self.resources) && has(self.resources.gpus) && self.resources.gpus > 0.0)",
                     "resources.gpus: serving.gpusPerReplica needs GPU workers; set resources.gpus (e.g. 1)",
                 ),
+                cel(
+                    "!has(self.precision) || self.precision != 'fp16' || ((!has(self.device) || self.device != 'cpu')"
+                    " && has(self.serving) && has(self.serving.gpusPerReplica) && self.serving.gpusPerReplica > 0.0)",
+                    FP16_NEEDS_GPU,
+                ),
                 *_source_kinds_cel(PREDICTION_SOURCES, Kind.PREDICTION),
             ]
         }
@@ -269,8 +290,34 @@ class PredictionSpec(ApiModel):
     xy_block_multiplier: int = Field(4, ge=1, le=64, description="Zarr chunks per block side scheduled as one task.")
     device: DeviceKind = Field(DeviceKind.AUTO, description="auto (CUDA when present), cpu or cuda.")
     serving: Serving = Field(default_factory=Serving, description="Ray Serve hosting.")
+    # After device and serving: its validator reads them.
+    precision: Precision = Field(
+        Precision.FP32,
+        description=(
+            "Arithmetic of the model on the replica (torch autocast): fp32, bf16 (CPU or GPU; fast on CPUs with "
+            "AVX512-BF16/AMX and on GPUs) or fp16 (CUDA only). Outputs are float32; bf16 results are within 3e-2 "
+            "of the fp32 output's largest magnitude in rasterkube's tests."
+        ),
+    )
+    compile: bool = Field(
+        False,
+        description=(
+            "torch.compile the model once per replica (a warm-up call at start, then cached on disk): faster "
+            "inference after a start that takes seconds to minutes. torch.export (.pt2) models only; needs a "
+            "C++ compiler on CPU replicas (a C compiler on GPU ones)."
+        ),
+    )
     output: RasterOutput = Field(default_factory=RasterOutput, description="Where predictions are written.")
     resources: Resources = Field(default_factory=Resources, description="Compute for the job.")
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: Precision, info: ValidationInfo) -> Precision:
+        if v != Precision.FP16 or not {"device", "serving"} <= info.data.keys():
+            return v  # (an invalid device or serving is reported on its own)
+        if info.data["device"] == DeviceKind.CPU or info.data["serving"].gpus_per_replica <= 0:
+            raise ValueError(FP16_NEEDS_GPU.removeprefix("precision: "))
+        return v
 
     @model_validator(mode="after")
     def _rules(self) -> PredictionSpec:

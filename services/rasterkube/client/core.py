@@ -317,6 +317,8 @@ class Client:
         max_replicas: int | None = None,
         cpus_per_replica: float | None = None,
         share_deployment: bool | None = None,
+        precision: str | None = None,
+        compile: bool | None = None,  # noqa: A002 - the spec field's name
         multiscales: bool = False,
         output_uri: str | None = None,
         resources: Mapping[str, Any] | None = None,
@@ -329,7 +331,8 @@ class Client:
         ``hf://org/repo/file``); ``actor``: ``semanticSegmentation``, ``changeDetection``,
         ``regression`` or ``embedding`` (snake_case works too); ``features``: source band
         labels in the model's input order; ``labels``: one per output channel.
-        ``merge_mode``: ``clip`` or ``weightedAverage``; ``device``: ``auto``, ``cpu``, ``cuda``."""
+        ``merge_mode``: ``clip`` or ``weightedAverage``; ``device``: ``auto``, ``cpu``, ``cuda``;
+        ``precision``: ``fp32``, ``bf16`` or ``fp16`` (CUDA only); ``compile``: torch.compile per replica."""
         serving = _drop_none({
             "replicas": replicas,
             "maxReplicas": max_replicas,
@@ -351,6 +354,8 @@ class Client:
             "maxBatchSize": max_batch_size,
             "xyBlockMultiplier": xy_block_multiplier,
             "device": device,
+            "precision": precision,
+            "compile": compile,
             "serving": serving,
             "output": _output(output_uri, multiscales),
             "resources": resources,

@@ -29,7 +29,7 @@ from rasterkube.jobs.context import (
     raster_summary,
     source_version,
 )
-from rasterkube.predict import actors, models, serving, windows
+from rasterkube.predict import actors, inference, models, serving, windows
 from rasterkube.runtime import executor
 from rasterkube.runtime.blocks import plan_blocks
 from rasterkube.runtime.executor import run_blocks
@@ -140,7 +140,20 @@ def preflight(resource: Prediction, request: JobRequest) -> Prepared:
             f"spec.patchSize: the model was exported for {sig.patch}x{sig.patch} px inputs; set patchSize: {sig.patch}"
         )
     check_memory(spec, info.chunks[2], plan, n_times, sig.out_channels)
+    if spec.compile:
+        check_compile(spec, sig)
     return Prepared(info, tuple(feature_idx), fetched, sig, plan)
+
+
+def check_compile(spec: PredictionSpec, sig: models.Signature) -> None:
+    """spec.compile needs an exported program and a compiler. The compiler is looked for here,
+    on the job's driver: the chart runs the driver and the replicas in one image (a replica
+    checks again where it compiles, for clusters where they differ)."""
+    if sig.format != models.FORMAT_PT2:
+        raise inference.CompileError(inference.COMPILE_TORCHSCRIPT)
+    # A replica on device auto with GPUs asked for compiles for CUDA; otherwise for the CPU.
+    on_gpu = spec.device == DeviceKind.CUDA or (spec.device == DeviceKind.AUTO and spec.serving.gpus_per_replica > 0)
+    inference.check_toolchain(inference.CUDA if on_gpu else inference.CPU, "the job's machine")
 
 
 def _model_inputs(x: np.ndarray, time_stacked: bool) -> list[np.ndarray]:
@@ -204,6 +217,9 @@ def serve_config(spec: PredictionSpec, prepared: Prepared) -> serving.ServeConfi
         gpus_per_replica=spec.serving.gpus_per_replica,
         idle_timeout_s=idle_timeout(spec.serving.idle_timeout_seconds, executor.embedded()),
         probe_channels=prepared.plan.in_channels if prepared.signature.format == models.FORMAT_TORCHSCRIPT else None,
+        precision=str(spec.precision),
+        compile=spec.compile,
+        warmup_input=(prepared.plan.in_channels, spec.patch_size, spec.patch_size) if spec.compile else None,
     )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -63,6 +64,13 @@ class ServeConfig:
     gpus_per_replica: float
     idle_timeout_s: float = 120.0
     probe_channels: int | None = None
+    #: spec.precision: fp32, bf16 or fp16 (autocast on the replica).
+    precision: str = "fp32"
+    #: spec.compile: torch.compile once per replica.
+    compile: bool = False
+    #: (channels, patch, patch) of the batches, for the compiled model's warm-up call; None
+    #: without compile (a shared uncompiled deployment serves any patch size).
+    warmup_input: tuple[int, int, int] | None = None
 
     def key(self) -> str:
         # The URI is not part of the identity (the content is): a model moved to S3 stays shared.
@@ -97,18 +105,24 @@ class Predictor(Protocol):
 
 
 class TorchRunner:
-    """The model on one device; shared by the replica and the in-process baseline."""
+    """The model on one device; shared by the replica and the in-process baseline.
+
+    Precision, compilation and the CUDA feed are :mod:`rasterkube.predict.inference`'s."""
 
     def __init__(self, config: ServeConfig) -> None:
         import torch
 
-        from rasterkube.predict import models
+        from rasterkube.predict import inference, models
 
         torch.set_num_threads(torch_threads(config.cpus_per_replica))
         # Batches arrive zero-copy from Ray's object store, hence read-only; the model never
         # writes to its input, so torch's warning about non-writable arrays does not apply.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.device = pick_device(config.device, torch.cuda.is_available())
+        # Before loading anything: fp16 on a replica that got no GPU is refused, not emulated.
+        inference.check_precision(config.precision, self.device)
+        if config.compile:
+            inference.check_toolchain(self.device, f"the {MODEL_REPLICA}'s machine")
         fetched = models.fetch(config.model_uri)
         if fetched.sha256 != config.model_sha256:
             raise RuntimeError(
@@ -116,25 +130,33 @@ class TorchRunner:
                 f"{config.model_sha256[:12]}); run the Prediction again"
             )
         loaded = models.load(fetched.path, config.model_uri, probe_channels=config.probe_channels)
-        self.model = loaded.model.to(self.device)
-        self.transforms = loaded.transforms.to(self.device) if loaded.transforms is not None else None
-        self.softmax = config.softmax
+        if config.compile and loaded.signature.format != models.FORMAT_PT2:
+            raise inference.CompileError(inference.COMPILE_TORCHSCRIPT)
+        self.module = inference.served(loaded.model, loaded.transforms, config.softmax).to(self.device)
+        self.autocast = inference.autocast_dtype(config.precision)
         self.max_batch_size = config.max_batch_size
+        self.compiled = config.compile
+        self.forward: Callable[[Any], Any] = self.module
+        self.feed = inference.CudaFeed(self.device) if self.device == inference.CUDA else None
+        if config.compile:
+            inference.use_inductor_cache()
+            # Static shapes: every batch is padded to maxBatchSize, so one graph serves all.
+            self.forward = torch.compile(self.module, dynamic=False)
+            if config.warmup_input is not None:  # compile now, not on the first real batch
+                self.predict(np.zeros((self.max_batch_size, *config.warmup_input), dtype=np.float32))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        outs = []
-        with torch.inference_mode():
-            for start in range(0, len(batch), self.max_batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(batch[start : start + self.max_batch_size]))
-                x = x.to(self.device, dtype=torch.float32, non_blocking=True)
-                if self.transforms is not None:
-                    x = self.transforms(x)
-                y = self.model(x)
-                if self.softmax:
-                    y = torch.softmax(y, dim=1)
-                outs.append(y.float().cpu().numpy())
+        from rasterkube.predict import inference
+
+        with torch.inference_mode(), inference.autocast(self.device, self.autocast):
+            if self.feed is not None:
+                return self.feed.run(batch, self.max_batch_size, self.compiled, self.forward)
+            outs = [
+                self.forward(torch.from_numpy(x))[: sl.stop - sl.start].numpy()
+                for sl, x in inference.iter_cpu_batches(batch, self.max_batch_size, pad=self.compiled)
+            ]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
 
@@ -262,8 +284,9 @@ def deploy(
         if status == RUNNING:
             return False
         if status == DEPLOY_FAILED:
+            failure = deploy_failure(message, deployment_messages(app))
             delete(app)
-            raise RuntimeError(f"Ray Serve could not deploy the model: {message}")
+            raise failure
         try:
             # One replica Ray cannot place holds the whole deployment back.
             wait = watch.check(in_flight=1)
@@ -282,6 +305,33 @@ def deploy(
             else:
                 on_wait(message or f"waiting for replicas ({status})", None)
         time.sleep(POLL_S)
+
+
+# The last line of a replica's traceback when it raised one of our user errors (bad precision
+# for the device, compile without a compiler, a model it cannot fetch): the message names the
+# field and the fix, so it is the whole story.
+_REPLICA_USER_ERROR: Final = re.compile(r"^rasterkube\.[\w.]+: (spec\..+)$", re.MULTILINE)
+
+
+def deployment_messages(app: str) -> list[str]:
+    """Serve's per-deployment messages of ``app`` (a failed replica's traceback is there; the
+    application's own message only says which deployments failed)."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    return [] if status is None else [d.message for d in status.deployments.values() if d.message]
+
+
+def deploy_failure(app_message: str, deployment_messages: list[str]) -> Exception:
+    """What a failed deployment means to the user: a replica's user error as a :class:`UserError`
+    (nothing to retry: the run's staging is discarded), anything else as a fault with the
+    replica's last traceback line."""
+    text = "\n".join(deployment_messages)
+    found = _REPLICA_USER_ERROR.findall(text)
+    if found:
+        return UserError(found[-1])
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return RuntimeError(f"Ray Serve could not deploy the model: {lines[-1] if lines else app_message}")
 
 
 def delete(app: str) -> None:
