@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import socket
 import sys
 import tempfile
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, machine_cpu  # noqa: E402
 from helpers.stores import random_series, write_store  # noqa: E402
 
-from rasterkube import runner  # noqa: E402
+from rasterkube import manifests, runner  # noqa: E402
 from rasterkube.planning import calibration as C  # noqa: E402
 from rasterkube.planning import inputs  # noqa: E402
 from rasterkube.planning.work import Sizing, Work  # noqa: E402
@@ -221,7 +222,7 @@ class ReplicaCpu:
 def works(case: Case, tmp: Path) -> tuple[list[runner.Planned], Work]:
     path = tmp / f"{case.kind}-{case.size}-{case.variant}.yaml"
     path.write_text(yaml.safe_dump(case.doc))
-    planned = inputs.work_manifests([str(path)], str(tmp / "root"))
+    planned = inputs.work_manifests(manifests.load([str(path)]), str(tmp / "root"))
     ((p, work),) = planned
     return [p], work
 
@@ -233,6 +234,8 @@ def measure(case: Case, tmp: Path) -> dict[str, Any]:
     if outcome.phase != "Succeeded":
         raise SystemExit(f"{case.kind} {case.size}: {outcome.error}")
     used = outcome.usage or {}
+    shutil.rmtree(order[0].output_uri, ignore_errors=True)  # outputs are not kept: disk is shared
+    Path(order[0].output_uri).unlink(missing_ok=True) if Path(order[0].output_uri).is_file() else None
     cpu = float(used["cpuSeconds"]) + replicas.seconds
     return {"kind": case.kind, "size": case.size, "role": case.role, "variant": case.variant, "work": work,
             "blocks": work.blocks, "summary_blocks": outcome.outputs["summary"].get("blocks"),

@@ -137,7 +137,7 @@ def max_parallel(resource: Resource[Any]) -> float | None:
 
 
 def plan_manifests(
-    paths: Sequence[str],
+    items: Sequence[manifests.Loaded],
     root: str,
     calibration: Calibration,
     *,
@@ -145,10 +145,10 @@ def plan_manifests(
     cpus_per_worker: float | None = None,
     gpus: float | None = None,
 ) -> list[Estimate]:
-    """An estimate per resource of the manifest files, in dependency order, without running
+    """An estimate per resource (:func:`rasterkube.manifests.load`), in dependency order, without running
     any: refs are resolved as ``rasterkube run`` resolves them."""
     estimates = []
-    for p, work in work_manifests(paths, root):
+    for p, work in work_manifests(items, root):
         res = p.item.resource
         sizing = sizing_for(res, workers, cpus_per_worker, gpus)
         estimates.append(estimate(work, sizing, calibration, name=res.name, namespace=res.namespace,
@@ -156,9 +156,9 @@ def plan_manifests(
     return estimates
 
 
-def work_manifests(paths: Sequence[str], root: str) -> list[tuple[runner.Planned, Work]]:
-    """The work of each resource of the manifest files, in dependency order."""
-    order = runner.plan(manifests.load(paths), root)
+def work_manifests(items: Sequence[manifests.Loaded], root: str) -> list[tuple[runner.Planned, Work]]:
+    """The work of each resource (:func:`rasterkube.manifests.load`), in dependency order."""
+    order = runner.plan(items, root)
     outputs: dict[tuple[Kind, str, str], Raster | None] = {}
     out = []
     for p in order:
