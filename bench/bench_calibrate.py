@@ -243,7 +243,21 @@ def measure(case: Case, tmp: Path) -> dict[str, Any]:
             "peak_bytes": int(used["peakMemoryBytes"])}  # fmt: skip
 
 
-def fit(kind: str, runs: list[dict[str, Any]], sizing: Sizing, max_parallel: float | None) -> C.KindCost:
+def worker_rss(cpus: int) -> int:
+    """Largest resident memory of the warm Ray workers now (after a kind's runs): a worker's
+    base before a block's buffers. (usage's peak is the largest of driver and workers, and
+    this benchmark's driver is its own process, which holds every kind's imports.)"""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def rss() -> int:
+        time.sleep(0.5)  # keep each worker busy, so the tasks spread over all of them
+        return int(psutil.Process().memory_info().rss)
+
+    return max(ray.get([rss.remote() for _ in range(cpus)]))
+
+
+def fit(kind: str, runs: list[dict[str, Any]], sizing: Sizing, max_parallel: float | None, base_rss: int) -> C.KindCost:
     terms = sorted({t for r in runs for t in r["work"].terms})
     x = np.array([[1.0, *(r["work"].terms.get(t, 0.0) for t in terms)] for r in runs])
     y = np.array([r["cpu_s"] for r in runs])
@@ -256,8 +270,7 @@ def fit(kind: str, runs: list[dict[str, Any]], sizing: Sizing, max_parallel: flo
     for r in runs:
         variable = sum(per[t] * u for t, u in r["work"].terms.items())
         walls.append(r["wall_s"] - variable / C.parallelism(r["work"], sizing, max_parallel))
-    base = [r["peak_bytes"] - r["work"].block_buffer_bytes for r in runs]
-    return C.KindCost(a, per, max(0.0, float(np.mean(walls))), max(0, int(np.median(base))), len(runs))
+    return C.KindCost(a, per, max(0.0, float(np.mean(walls))), base_rss, len(runs))
 
 
 def main() -> None:
@@ -279,10 +292,14 @@ def main() -> None:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     sizing = Sizing(workers=1, cpus_per_worker=float(cpus), source="this machine's embedded Ray")
     results: list[dict[str, Any]] = []
+    base_rss: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="bench-calibrate-") as d:
         tmp = Path(d)
-        for case in [c for c in cases(tmp, args.quick) if c.kind in wanted]:
+        todo = [c for c in cases(tmp, args.quick) if c.kind in wanted]
+        for i, case in enumerate(todo):
             r = measure(case, tmp)
+            if i + 1 == len(todo) or todo[i + 1].kind != case.kind:
+                base_rss[case.kind] = worker_rss(cpus)
             print(f"{case.kind:14s} {case.variant:22s} {case.size:5d} {case.role:5s} cpu {r['cpu_s']:7.2f} s "
                   f"wall {r['wall_s']:6.2f} s", file=sys.stderr, flush=True)  # fmt: skip
             results.append(r)
@@ -290,7 +307,7 @@ def main() -> None:
     kinds = {}
     for kind in sorted({r["kind"] for r in results}):
         runs = [r for r in results if r["kind"] == kind and r["role"] == "fit"]
-        kinds[kind] = fit(kind, runs, sizing, float(cpus) if kind == "Prediction" else None)
+        kinds[kind] = fit(kind, runs, sizing, float(cpus) if kind == "Prediction" else None, base_rss[kind])
     load_avg = tuple(round((a + b) / 2, 2) for a, b in zip(load_before, load_after, strict=True))
     cal = C.Calibration(
         machine=f"{socket.gethostname()} {platform.processor() or platform.machine()}",
@@ -307,7 +324,8 @@ def main() -> None:
                       "cpu_error": round(est.core_seconds / r["cpu_s"] - 1, 3),
                       "est_wall_s": round(est.wall_seconds, 2), "wall_s": round(r["wall_s"], 2),
                       "wall_error": round(est.wall_seconds / r["wall_s"] - 1, 3),
-                      "est_peak_mib": round(est.peak_memory_per_worker_bytes / 2**20), "peak_mib": round(r["peak_bytes"] / 2**20)})  # fmt: skip
+                      "est_worker_peak_mib": round(est.peak_memory_per_worker_bytes / 2**20),
+                      "usage_peak_mib": round(r["peak_bytes"] / 2**20)})  # fmt: skip
     checks = [t for t in table if t["role"] == "check"]
     if args.out:
         Path(args.out).write_text(__import__("json").dumps(replace(cal, origin="").to_dict(), indent=2) + "\n")
@@ -317,7 +335,8 @@ def main() -> None:
                     "load_average_after": [round(v, 2) for v in load_after],
                     "machine_busy_cpu_s": round(busy1 - busy0, 1), "steal_cpu_s": round(steal1 - steal0, 1),
                     "seconds": round(time.perf_counter() - t0, 1)},  # fmt: skip
-        "measured": "usage.cpuSeconds (+ Serve replica CPU for Prediction) and usage.wallSeconds of each run",
+        "measured": "usage.cpuSeconds (+ Serve replica CPU for Prediction) and usage.wallSeconds of each run; "
+                    "usage_peak_mib is the largest process, this benchmark's own driver included",
         "calibration": replace(cal, origin="").to_dict(),
         "runs": table,
         "target_error": TARGET,

@@ -34,7 +34,9 @@ DN_ITEMSIZE: Final = 2  # COG digital numbers of the recipes' assets (uint16)
 COMMIT_REQUESTS_PER_OBJECT: Final = 2  # COPY, DELETE
 
 # Cost-term names (calibration keys).
-TERM_DIFFERENCE: Final = "difference"  # Mpx · time · band
+# Every ChangeScore reads its bands and writes (and z-scores) its scores: Mpx · time · (bands
+# read + scores written); ``difference`` adds nothing measurable to that.
+TERM_SCAN: Final = "scan"
 TERM_LOO_MEDOID: Final = "looMedoid"  # Mpx · time² · band (a T×T distance matrix per pixel)
 TERM_CLUSTER: Final = "clusterTransition"  # Mpx · time · band · k
 TERM_CLUSTER_FIT: Final = "clusterFit"  # 1 per job: clusters fitted on a fixed-size sample
@@ -42,7 +44,7 @@ TERM_POLYGONIZE: Final = "polygonize"  # Mpx · time · feature
 TERM_COMPOSITE: Final = "composite"  # Mpx · scene · asset (scene pixels read and composited)
 TERM_PATCHES_PREFIX: Final = "patchMpx:"  # + model sha256: Mpx of patches through the model
 TERM_UNITS: Final = {
-    TERM_DIFFERENCE: "Mpx·time·band",
+    TERM_SCAN: "Mpx·time·(bands read + scores)",
     TERM_LOO_MEDOID: "Mpx·time²·band",
     TERM_CLUSTER: "Mpx·time·band·k",
     TERM_CLUSTER_FIT: "job",
@@ -235,20 +237,17 @@ def change_score(
     # A source chunk holds every band (rasterkube's layout): a read moves all of them.
     chunk_bytes = len(source.bands) * source.chunk[0] * source.chunk[1] * source.itemsize
     mpx = out.pixels / MPX
-    terms = {}
-    for method in methods:
-        if method == TERM_LOO_MEDOID:
-            terms[TERM_LOO_MEDOID] = mpx * t * t * n_bands
-        elif method == TERM_CLUSTER:
-            terms[TERM_CLUSTER] = mpx * t * n_bands * k
-            # The driver samples at most SAMPLE_PIXELS per step, whatever the area.
-            terms[TERM_CLUSTER_FIT] = 1.0
-        else:
-            terms[TERM_DIFFERENCE] = mpx * t * n_bands
+    terms = {TERM_SCAN: mpx * t * (n_bands + len(names))}
+    if TERM_LOO_MEDOID in methods:
+        terms[TERM_LOO_MEDOID] = mpx * t * t * n_bands
+    if TERM_CLUSTER in methods:
+        terms[TERM_CLUSTER] = mpx * t * n_bands * k
+        # The driver samples at most SAMPLE_PIXELS per step, whatever the area.
+        terms[TERM_CLUSTER_FIT] = 1.0
     strip = min(strip_pixels, blocks.largest)
     buffers = (
         t * n_bands * strip * BYTES_F64  # the strip read, as float64 for the distances
-        + (t * t * strip * BYTES_F64 if TERM_LOO_MEDOID in terms else 0)  # T×T distances per pixel
+        + (t * t * strip * BYTES_F64 if TERM_LOO_MEDOID in methods else 0)  # T×T distances per pixel
         + 2 * t * len(names) * blocks.largest * BYTES_F32  # the block's scores, and their concatenation
     )
     chunks_out = _out_chunks(out)
