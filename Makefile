@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_predict.py --json out/bench/predict.json
 	$(PY) bench/bench_reads.py --json out/bench/reads.json
 	$(PY) bench/bench_resume.py --json out/bench/resume.json
+	$(PY) bench/bench_calibrate.py --json out/bench/calibrate.json
 
 bench-operator: $(STAMP)
 	$(PY) bench/bench_operator.py --json out/bench/operator.json

@@ -110,7 +110,7 @@ def _per_unit(cost: KindCost, term: str, cal: Calibration) -> tuple[float, str |
             t, b = max(known.items(), key=lambda kv: kv[1])
             name = cal.models.get(t[len(TERM_PATCHES_PREFIX):], t)
             return b, f"this model's inference was not calibrated; priced as {name}, the slowest calibrated model"
-    raise UserError(f"--calibration: {cal.label} has no cost for {term!r}; calibrate it with bench/bench_calibrate.py")
+    raise UserError(f"calibration {cal.label}: no cost for {term!r}; calibrate it with bench/bench_calibrate.py")
 
 
 def estimate(
@@ -130,7 +130,7 @@ def estimate(
     measures too — from a CPU calibration unless the calibration machine had the GPU."""
     cost = cal.kinds.get(work.kind.value)
     if cost is None:
-        raise UserError(f"--calibration: {cal.label} has no costs for {work.kind.value}")
+        raise UserError(f"calibration {cal.label}: no costs for {work.kind.value}")
     notes: list[str] = []
     variable = 0.0
     for term, units in work.terms.items():
