@@ -41,7 +41,7 @@ def test_change_score_counts() -> None:
     assert work.bytes_written == 3 * 2 * 100 * 70 * 4
     assert work.ledger_markers == 12
     assert work.object_store_requests == 105 + 105 + 12 + 2 * 105
-    assert work.terms == {W.TERM_SCAN: 100 * 70 / 1e6 * 3 * (2 + 2)}
+    assert work.terms == {W.TERM_READ: 100 * 70 / 1e6 * 3 * 2, W.TERM_SCORES: 100 * 70 / 1e6 * 3 * 2}
     assert work.output is not None and work.output.shape == (100, 70) and work.output.bands == ("d", "d_z")
 
 
@@ -50,7 +50,7 @@ def test_change_score_selector_and_strips_reread_chunks() -> None:
     # window rows 8..40, columns 0..32: one block of 32×32 whose rows straddle 3 chunk rows
     work = W.change_score(src, (8, 40, 0, 32), 1, ["s"], ["looMedoid"], 5, 2, MAX_CHUNK, STRIP)
     assert work.blocks == 1 and work.chunk_reads == 2 * 3 * 2
-    assert work.terms == {W.TERM_SCAN: 32 * 32 / 1e6 * 2 * (1 + 1), W.TERM_LOO_MEDOID: 32 * 32 / 1e6 * 2 * 2 * 1}
+    assert work.terms == {W.TERM_READ: 32 * 32 / 1e6 * 2, W.TERM_SCORES: 32 * 32 / 1e6 * 2, W.TERM_LOO_MEDOID: 32 * 32 / 1e6 * 2 * 2 * 1}
     # strips of 8 rows (256 px / 32 columns): rows 8-16, 16-24, 24-32, 32-40 → one chunk row each
     # (4), each strip reading 2 chunk columns
     strips = W.change_score(src, (8, 40, 0, 32), 1, ["s"], ["looMedoid"], 5, 2, MAX_CHUNK, 256)
@@ -62,7 +62,7 @@ def test_change_score_selector_and_strips_reread_chunks() -> None:
 def test_change_score_cluster_terms() -> None:
     src = W.Raster(4, ("a", "b", "c"), (32, 32), (16, 16))
     work = W.change_score(src, (0, 32, 0, 32), 3, ["l", "c"], ["clusterTransition"], 7, 1, MAX_CHUNK, STRIP)
-    assert work.terms == {W.TERM_SCAN: 32 * 32 / 1e6 * 4 * (3 + 2), W.TERM_CLUSTER: 32 * 32 / 1e6 * 4 * 3 * 7,
+    assert work.terms == {W.TERM_READ: 32 * 32 / 1e6 * 4 * 3, W.TERM_SCORES: 32 * 32 / 1e6 * 4 * 2, W.TERM_CLUSTER: 32 * 32 / 1e6 * 4 * 3 * 7,
                           W.TERM_CLUSTER_FIT: 1.0}
 
 
@@ -104,7 +104,7 @@ def test_vectorization_and_mosaic_counts() -> None:
 
 
 def _cal() -> C.Calibration:
-    cost = C.KindCost(2.0, {W.TERM_SCAN: 0.5, W.patch_term("slow"): 3.0, W.patch_term("fast"): 1.0}, 1.0, 100)
+    cost = C.KindCost(2.0, {W.TERM_READ: 0.5, W.patch_term("slow"): 3.0, W.patch_term("fast"): 1.0}, 1.0, 100)
     return C.Calibration("m", "2026-12-02", 2, (0.5, 0.5, 0.5), {"ChangeScore": cost, "Prediction": cost},
                          {"slow": "slow.pt2"}, "test")  # fmt: skip
 
@@ -114,7 +114,7 @@ def _work(kind: Kind, terms: dict[str, float], blocks: int = 2) -> W.Work:
 
 
 def test_estimate_arithmetic() -> None:
-    est = C.estimate(_work(Kind.CHANGE_SCORE, {W.TERM_SCAN: 10.0}), W.Sizing(2, 2.0), _cal(), name="n", namespace="d")
+    est = C.estimate(_work(Kind.CHANGE_SCORE, {W.TERM_READ: 10.0}), W.Sizing(2, 2.0), _cal(), name="n", namespace="d")
     assert est.core_seconds == 2.0 + 5.0
     assert est.wall_seconds == 1.0 + 5.0 / 2  # 4 CPUs, but only 2 blocks
     assert est.peak_memory_per_worker_bytes == 150
@@ -144,7 +144,7 @@ def test_shipped_calibration_loads_and_is_named(tmp_path) -> None:
 
 
 def test_table_names_every_quantity() -> None:
-    est = C.estimate(_work(Kind.CHANGE_SCORE, {W.TERM_SCAN: 10.0}), W.Sizing(), _cal(), name="n", namespace="d")
+    est = C.estimate(_work(Kind.CHANGE_SCORE, {W.TERM_READ: 10.0}), W.Sizing(), _cal(), name="n", namespace="d")
     text = render.table([est])
     for word in ("calibration: test (m, 2 CPUs, 2026-12-02)", "ChangeScore/n", "blocks", "bytes read", "object store",
                  "peak memory", "core-hours", "GPU-hours", "sizing"):  # fmt: skip

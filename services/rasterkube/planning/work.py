@@ -34,9 +34,10 @@ DN_ITEMSIZE: Final = 2  # COG digital numbers of the recipes' assets (uint16)
 COMMIT_REQUESTS_PER_OBJECT: Final = 2  # COPY, DELETE
 
 # Cost-term names (calibration keys).
-# Every ChangeScore reads its bands and writes (and z-scores) its scores: Mpx · time · (bands
-# read + scores written); ``difference`` adds nothing measurable to that.
-TERM_SCAN: Final = "scan"
+# Every ChangeScore reads its bands (Mpx · time · band) and writes its scores (Mpx · time ·
+# score band: the difference, a robust z-score, writing); the other methods add their own.
+TERM_READ: Final = "read"
+TERM_SCORES: Final = "scores"
 TERM_LOO_MEDOID: Final = "looMedoid"  # Mpx · time² · band (a T×T distance matrix per pixel)
 TERM_CLUSTER: Final = "clusterTransition"  # Mpx · time · band · k
 TERM_CLUSTER_FIT: Final = "clusterFit"  # 1 per job: clusters fitted on a fixed-size sample
@@ -44,7 +45,8 @@ TERM_POLYGONIZE: Final = "polygonize"  # Mpx · time · feature
 TERM_COMPOSITE: Final = "composite"  # Mpx · scene · asset (scene pixels read and composited)
 TERM_PATCHES_PREFIX: Final = "patchMpx:"  # + model sha256: Mpx of patches through the model
 TERM_UNITS: Final = {
-    TERM_SCAN: "Mpx·time·(bands read + scores)",
+    TERM_READ: "Mpx·time·band read",
+    TERM_SCORES: "Mpx·time·score band",
     TERM_LOO_MEDOID: "Mpx·time²·band",
     TERM_CLUSTER: "Mpx·time·band·k",
     TERM_CLUSTER_FIT: "job",
@@ -237,7 +239,7 @@ def change_score(
     # A source chunk holds every band (rasterkube's layout): a read moves all of them.
     chunk_bytes = len(source.bands) * source.chunk[0] * source.chunk[1] * source.itemsize
     mpx = out.pixels / MPX
-    terms = {TERM_SCAN: mpx * t * (n_bands + len(names))}
+    terms = {TERM_READ: mpx * t * n_bands, TERM_SCORES: mpx * t * len(names)}
     if TERM_LOO_MEDOID in methods:
         terms[TERM_LOO_MEDOID] = mpx * t * t * n_bands
     if TERM_CLUSTER in methods:
