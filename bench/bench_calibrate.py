@@ -283,6 +283,7 @@ def main() -> None:
     parser.add_argument("--out", help="write the calibration JSON here (e.g. services/rasterkube/planning/calibration.json)")
     parser.add_argument("--json", help="also write the report here")
     parser.add_argument("--quick", action="store_true", help="half the sizes (a smoke run; not for shipping)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each case; the least CPU time is kept")
     parser.add_argument("--kinds", default="ChangeScore,Vectorization,Mosaic,Prediction")
     args = parser.parse_args()
     from rasterkube.runtime.executor import ensure_ray
@@ -304,11 +305,15 @@ def main() -> None:
         # Not measured: the first run starts Ray's worker processes and imports the job code.
         measure(change_case(tmp, 256, "warm-up", ["difference"]), tmp)
         for i, case in enumerate(todo):
-            r = measure(case, tmp)
+            # Each case --repeats times, the least CPU kept: the other users of a shared
+            # machine only ever add to a run's CPU time (caches, memory bandwidth).
+            tries = [measure(case, tmp) for _ in range(args.repeats)]
+            r = min(tries, key=lambda t: t["cpu_s"])
+            r["cpu_s_tries"] = [round(t["cpu_s"], 2) for t in tries]
             if i + 1 == len(todo) or todo[i + 1].kind != case.kind:
                 base_rss[case.kind] = worker_rss(cpus)
-            print(f"{case.kind:14s} {case.variant:22s} {case.size:5d} {case.role:5s} cpu {r['cpu_s']:7.2f} s "
-                  f"wall {r['wall_s']:6.2f} s", file=sys.stderr, flush=True)  # fmt: skip
+            print(f"{case.kind:14s} {case.variant:22s} {case.size:5d} {case.role:5s} cpu {r['cpu_s_tries']} s "
+                  f"wall {r['wall_s']:6.2f} s load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)  # fmt: skip
             results.append(r)
     load_after, (busy1, steal1) = os.getloadavg(), machine_cpu()
     kinds = {}
@@ -328,7 +333,7 @@ def main() -> None:
         table.append({"kind": r["kind"], "variant": r["variant"], "side_px": r["size"], "role": r["role"],
                       "blocks": r["blocks"], "summary_blocks": r["summary_blocks"],
                       "est_cpu_s": round(est.core_seconds, 2), "cpu_s": round(r["cpu_s"], 2),
-                      "cpu_error": round(est.core_seconds / r["cpu_s"] - 1, 3),
+                      "cpu_error": round(est.core_seconds / r["cpu_s"] - 1, 3), "cpu_s_tries": r["cpu_s_tries"],
                       "est_wall_s": round(est.wall_seconds, 2), "wall_s": round(r["wall_s"], 2),
                       "wall_error": round(est.wall_seconds / r["wall_s"] - 1, 3),
                       "est_worker_peak_mib": round(est.peak_memory_per_worker_bytes / 2**20),
