@@ -56,7 +56,7 @@ def table(estimates: Sequence[Estimate]) -> str:
                      f"{human_count(w.chunk_writes)} writes, {human_count(w.ledger_markers)} ledger markers, "
                      f"{human_count(COMMIT_REQUESTS_PER_OBJECT * w.committed_objects)} to commit")  # fmt: skip
         lines.append(f"  peak memory       {human_bytes(e.peak_memory_per_worker_bytes)} per worker")
-        lines.append(f"  core-hours        {e.core_hours:.4g}")
+        lines.append(f"  core-hours        {e.core_hours:.3g} ({human_seconds(e.core_seconds)} of one core)")
         lines.append(f"  GPU-hours         {e.gpu_hours:.4g}")
         lines.append(f"  wall time         {human_seconds(e.wall_seconds)}")
         lines.append(f"  sizing            {s.workers} worker(s) × {s.cpus_per_worker:g} CPU, {s.gpus:g} GPU ({s.source})")
