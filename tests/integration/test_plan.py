@@ -38,14 +38,15 @@ def _chain(src: str, out: str) -> list[dict]:
 
 @pytest.mark.usefixtures("ray_session")
 def test_plan_agrees_with_a_run_on_s3(s3: str, tmp_path: Path) -> None:
-    # 4 times × 3 bands, 96×80 px in 16 px chunks: ChangeScore blocks of 32 px → 3 × 3
-    src = write_store("s3://rasterkube/plan/src.zarr", random_series(4, 3, 96, 80, seed=5), chunk=16)
+    # 4 times × 3 bands, 128×112 px in 16 px chunks: ChangeScore blocks of 32 px → 4 × 4 (the
+    # metadata requests per block and per job were measured at 9 and 30 blocks, not here)
+    src = write_store("s3://rasterkube/plan/src.zarr", random_series(4, 3, 128, 112, seed=5), chunk=16)
     path = tmp_path / "chain.yaml"
     path.write_text(yaml.safe_dump_all(_chain(src, "s3://rasterkube/plan")))
     loaded = manifests.load([str(path)])
     root = str(tmp_path / "root")
     scores, polygons = inputs.plan_manifests(loaded, root, calibration.load())  # before anything is written
-    assert scores.work.blocks == 9 and polygons.work.blocks == 1
+    assert scores.work.blocks == 16 and polygons.work.blocks == 1
     cs, vec = runner.run_planned(runner.plan(loaded, root))
     assert cs.phase == vec.phase == "Succeeded", (cs.error, vec.error)
     assert scores.work.blocks == cs.outputs["summary"]["blocks"]
@@ -54,6 +55,9 @@ def test_plan_agrees_with_a_run_on_s3(s3: str, tmp_path: Path) -> None:
     assert list(cs.outputs["summary"]["shape"]) == [scores.work.output.times, len(scores.work.output.bands),
                                                      *scores.work.output.shape]  # fmt: skip
     used = Usage.from_dict(cs.usage)
+    print(f"planned vs measured: written {scores.work.bytes_written} / {used.bytes_written}, read "
+          f"{scores.work.bytes_read} / {used.bytes_read}, requests {scores.work.object_store_requests} / "
+          f"{used.object_store_requests}, core-s {scores.core_seconds:.2f} / {used.cpu_seconds:.2f}")  # fmt: skip
     # Written: the chunks (zstd-compressed random floats shrink little; NaN difference of
     # the first step compresses well), plus metadata and the STAC item (a few kB).
     assert scores.work.bytes_written is not None
@@ -62,10 +66,9 @@ def test_plan_agrees_with_a_run_on_s3(s3: str, tmp_path: Path) -> None:
     # Read: each block's chunks once (uncompressed in the plan), plus metadata.
     assert 0.5 * scores.work.bytes_read <= used.bytes_read <= 1.1 * scores.work.bytes_read + 64 * 2**10, (
         used.bytes_read, scores.work.bytes_read)  # fmt: skip
-    # Requests: the plan counts the ones that grow with the area; the run adds a fixed number
-    # of metadata reads and writes, listings and the ledger's.
+    # Requests: chunks, markers and commit counted; metadata as measured on other sizes.
     planned = scores.work.object_store_requests
-    assert planned <= used.object_store_requests <= planned + 250, (used.object_store_requests, planned)
+    assert abs(used.object_store_requests / planned - 1) <= 0.1, (used.object_store_requests, planned)
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:

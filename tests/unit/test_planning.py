@@ -40,7 +40,7 @@ def test_change_score_counts() -> None:
     assert work.chunk_writes == 3 * 7 * 5  # output chunks 16 px: 7 × 5 per time
     assert work.bytes_written == 3 * 2 * 100 * 70 * 4
     assert work.ledger_markers == 12
-    assert work.object_store_requests == 105 + 105 + 12 + 2 * 105
+    assert work.object_store_requests == 105 + 105 + 12 + 2 * 105 + W.METADATA_REQUESTS_PER_JOB + 12 * W.METADATA_REQUESTS_PER_BLOCK
     assert work.terms == {W.TERM_READ: 100 * 70 / 1e6 * 3 * 2, W.TERM_SCORES: 100 * 70 / 1e6 * 3 * 2}
     assert work.output is not None and work.output.shape == (100, 70) and work.output.bands == ("d", "d_z")
 

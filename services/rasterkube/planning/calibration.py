@@ -144,6 +144,8 @@ def estimate(
         notes.append("GPU time = GPUs reserved × the wall time of a CPU-calibrated run (an upper bound on a GPU)")
     if work.kind == Kind.PREDICTION:
         notes.append("core time includes the model replicas' inference")
+    # Calibrated on warm workers: a fresh cluster's first job also pays their start.
+    notes.append("excludes starting Ray and its worker processes (a few core-seconds per worker)")
     return Estimate(
         kind=work.kind,
         name=name,

@@ -54,7 +54,8 @@ def table(estimates: Sequence[Estimate]) -> str:
         lines.append(f"  bytes written     {human_bytes(w.bytes_written)}" + ("" if w.bytes_written is None else " (uncompressed)"))
         lines.append(f"  object store      {human_count(w.object_store_requests)} requests: {human_count(w.chunk_reads)} reads, "
                      f"{human_count(w.chunk_writes)} writes, {human_count(w.ledger_markers)} ledger markers, "
-                     f"{human_count(COMMIT_REQUESTS_PER_OBJECT * w.committed_objects)} to commit")  # fmt: skip
+                     f"{human_count(COMMIT_REQUESTS_PER_OBJECT * w.committed_objects)} to commit, "
+                     f"{human_count(w.metadata_requests)} metadata")  # fmt: skip
         lines.append(f"  peak memory       {human_bytes(e.peak_memory_per_worker_bytes)} per worker")
         lines.append(f"  core-hours        {e.core_hours:.3g} ({human_seconds(e.core_seconds)} of one core)")
         lines.append(f"  GPU-hours         {e.gpu_hours:.4g}")

@@ -9,8 +9,12 @@ product of two sums over one axis, and a continent costs as little to count as a
 Bytes are *uncompressed* (zarr compresses chunks: what reaches the store is at most this).
 Object-store requests count one GET per source chunk a block reads, one PUT per output chunk
 it writes, one PUT per ledger marker, and a COPY and a DELETE per output object when the
-staging is committed to an object store (:func:`rasterkube.storage.commit`): the requests
-that grow with the area; the few metadata reads and writes per job are left out.
+staging is committed to an object store (:func:`rasterkube.storage.commit`), plus the
+metadata requests (zarr metadata read when a task opens its arrays, existence checks, the
+ledger's listing and removal, the STAC item, consolidation): those were not derived one by
+one but measured — a ChangeScore on an S3 server, 9 and 30 blocks (tests/integration/test_plan.py
+checks another size) — as :data:`METADATA_REQUESTS_PER_JOB` + :data:`METADATA_REQUESTS_PER_BLOCK`
+per block.
 
 Cost terms (``Work.terms``) are the quantities a job's CPU time scales with, in the units the
 calibration (:mod:`rasterkube.planning.calibration`) was fitted in.
@@ -32,6 +36,9 @@ COUNT_ITEMSIZE: Final = 2  # a Mosaic's per-window count of observations (uint16
 DN_ITEMSIZE: Final = 2  # COG digital numbers of the recipes' assets (uint16)
 #: Requests per output object when a staging store is committed to an object store.
 COMMIT_REQUESTS_PER_OBJECT: Final = 2  # COPY, DELETE
+#: Metadata requests beyond the chunks (measured; see the module docstring).
+METADATA_REQUESTS_PER_JOB: Final = 125
+METADATA_REQUESTS_PER_BLOCK: Final = 12
 
 # Cost-term names (calibration keys).
 # Every ChangeScore reads its bands (Mpx · time · band) and writes its scores (Mpx · time ·
@@ -104,12 +111,17 @@ class Work:
     notes: tuple[str, ...] = ()
 
     @property
+    def metadata_requests(self) -> int:
+        return METADATA_REQUESTS_PER_JOB + METADATA_REQUESTS_PER_BLOCK * self.blocks
+
+    @property
     def object_store_requests(self) -> int:
         return (
             self.chunk_reads
             + self.chunk_writes
             + self.ledger_markers
             + COMMIT_REQUESTS_PER_OBJECT * self.committed_objects
+            + self.metadata_requests
         )
 
     def __add__(self, other: Work) -> Work:
@@ -458,7 +470,8 @@ class Estimate:
             "bytesWritten": w.bytes_written,
             "objectStoreRequests": w.object_store_requests,
             "requests": {"chunkReads": w.chunk_reads, "chunkWrites": w.chunk_writes,
-                         "ledgerMarkers": w.ledger_markers, "commit": COMMIT_REQUESTS_PER_OBJECT * w.committed_objects},  # fmt: skip
+                         "ledgerMarkers": w.ledger_markers, "commit": COMMIT_REQUESTS_PER_OBJECT * w.committed_objects,
+                         "metadata": w.metadata_requests},  # fmt: skip
             "peakMemoryPerWorkerBytes": self.peak_memory_per_worker_bytes,
             "coreHours": self.core_hours,
             "gpuHours": self.gpu_hours,
