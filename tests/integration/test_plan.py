@@ -108,3 +108,20 @@ def test_cli_plans_a_chain_and_refuses_bad_input(tmp_path: Path) -> None:
     assert no_cal.returncode == 2 and "--calibration" in no_cal.stderr
     for proc in (missing, invalid, no_source, no_cal):
         assert "Traceback" not in proc.stderr
+
+
+def test_client_plans_files_and_dicts(tmp_path: Path) -> None:
+    import rasterkube
+    from rasterkube.errors import UserError
+
+    src = write_store(str(tmp_path / "src.zarr"), random_series(3, 2, 64, 48, seed=2), chunk=16)
+    client = rasterkube.Client(namespace="team", local=True, storage_root=str(tmp_path / "root"), progress=False)
+    scores, polygons = client.plan(*_chain(src, str(tmp_path / "out")), workers=2, cpus_per_worker=4)
+    assert (scores.namespace, scores.work.blocks, polygons.work.blocks) == ("team", 4, 1)
+    assert scores.sizing.cpus == 8 and scores.to_dict()["sizing"]["from"] == "command line"
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump_all(_chain(src, str(tmp_path / "out"))))
+    assert [e.work.blocks for e in client.plan(path)] == [4, 1]
+    with pytest.raises(UserError, match="spec.features"):
+        client.plan({**_chain(src, "x")[1], "spec": {**_chain(src, "x")[1]["spec"], "source": {"uri": src}}})
+    assert not (tmp_path / "out").exists() and not (tmp_path / "root").exists()
