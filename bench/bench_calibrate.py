@@ -8,7 +8,7 @@ one embedded Ray for the whole benchmark) on synthetic inputs of several sizes:
   one job) is fitted as ``a + Σ b·units`` over the cost terms that
   :mod:`rasterkube.planning.work` counts for the same manifest (least squares), the wall time
   as ``wall_a + (cpu - a) / parallel``, and a worker's base memory as the median of the
-  measured peak minus the planned block buffers;
+  block tasks' measured peak minus the planned block buffers;
 * ``check`` sizes, *not* used for the fit: ``rasterkube plan``'s estimate with the fitted
   calibration is compared with what the run measured (error = estimate / measured − 1;
   DESIGN §5 target: within ±30 % for CPU work).
@@ -224,6 +224,32 @@ class ReplicaCpu:
         return sum(v - self._start.get(pid, 0.0) for pid, v in self._seen.items())
 
 
+class TaskPeaks:
+    """The largest peak memory any block task of a job reported (each task measures its own
+    worker process: :func:`rasterkube.runtime.usage.measured`); usage's own peak also counts
+    the driver, which here is this benchmark's process."""
+
+    def __init__(self) -> None:
+        from rasterkube.runtime import usage
+
+        self._acc = usage.Accumulator
+        self._original = usage.Accumulator.add
+        self.peak = 0
+
+    def __enter__(self) -> TaskPeaks:
+        original, me = self._original, self
+
+        def add(acc: Any, used: Any) -> None:
+            me.peak = max(me.peak, used.peak_memory_bytes)
+            original(acc, used)
+
+        self._acc.add = add  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._acc.add = self._original  # type: ignore[method-assign]
+
+
 def works(case: Case, tmp: Path) -> tuple[list[runner.Planned], Work]:
     path = tmp / f"{case.kind}-{case.size}-{case.variant}.yaml"
     path.write_text(yaml.safe_dump(case.doc))
@@ -234,7 +260,7 @@ def works(case: Case, tmp: Path) -> tuple[list[runner.Planned], Work]:
 
 def measure(case: Case, tmp: Path) -> dict[str, Any]:
     order, work = works(case, tmp)
-    with ReplicaCpu() as replicas:
+    with ReplicaCpu() as replicas, TaskPeaks() as tasks:
         (outcome,) = runner.run_planned(order)
     if outcome.phase != "Succeeded":
         raise SystemExit(f"{case.kind} {case.size}: {outcome.error}")
@@ -245,24 +271,10 @@ def measure(case: Case, tmp: Path) -> dict[str, Any]:
     return {"kind": case.kind, "size": case.size, "role": case.role, "variant": case.variant, "work": work,
             "blocks": work.blocks, "summary_blocks": outcome.outputs["summary"].get("blocks"),
             "cpu_s": cpu, "replica_cpu_s": replicas.seconds, "wall_s": float(used["wallSeconds"]),
-            "peak_bytes": int(used["peakMemoryBytes"])}  # fmt: skip
+            "peak_bytes": int(used["peakMemoryBytes"]), "task_peak_bytes": tasks.peak}  # fmt: skip
 
 
-def worker_rss(cpus: int) -> int:
-    """Largest resident memory of the warm Ray workers now (after a kind's runs): a worker's
-    base before a block's buffers. (usage's peak is the largest of driver and workers, and
-    this benchmark's driver is its own process, which holds every kind's imports.)"""
-    import ray
-
-    @ray.remote(num_cpus=1)
-    def rss() -> int:
-        time.sleep(0.5)  # keep each worker busy, so the tasks spread over all of them
-        return int(psutil.Process().memory_info().rss)
-
-    return max(ray.get([rss.remote() for _ in range(cpus)]))
-
-
-def fit(kind: str, runs: list[dict[str, Any]], sizing: Sizing, max_parallel: float | None, base_rss: int) -> C.KindCost:
+def fit(kind: str, runs: list[dict[str, Any]], sizing: Sizing, max_parallel: float | None) -> C.KindCost:
     terms = sorted({t for r in runs for t in r["work"].terms})
     x = np.array([[1.0, *(r["work"].terms.get(t, 0.0) for t in terms)] for r in runs])
     y = np.array([r["cpu_s"] for r in runs])
@@ -275,8 +287,11 @@ def fit(kind: str, runs: list[dict[str, Any]], sizing: Sizing, max_parallel: flo
     for r in runs:
         variable = sum(per[t] * u for t, u in r["work"].terms.items())
         walls.append(r["wall_s"] - variable / C.parallelism(r["work"], sizing, max_parallel))
+    # A worker's memory before its block's buffers: the tasks' measured peaks less the buffers
+    # planned for them.
+    base = int(np.median([r["task_peak_bytes"] - r["work"].block_buffer_bytes for r in runs]))
     # The median: one run's wait behind the other users of a shared machine is not the kind's.
-    return C.KindCost(a, per, max(0.0, float(np.median(walls))), base_rss, len(runs))
+    return C.KindCost(a, per, max(0.0, float(np.median(walls))), max(0, base), len(runs))
 
 
 def main() -> None:
@@ -299,7 +314,6 @@ def main() -> None:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     sizing = Sizing(workers=1, cpus_per_worker=float(cpus), source="this machine's embedded Ray")
     results: list[dict[str, Any]] = []
-    base_rss: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="bench-calibrate-") as d:
         tmp = Path(d)
         todo = [c for c in cases(tmp, args.quick) if c.kind in wanted]
@@ -311,8 +325,6 @@ def main() -> None:
             tries = [measure(case, tmp) for _ in range(args.repeats)]
             r = min(tries, key=lambda t: t["cpu_s"])
             r["cpu_s_tries"] = [round(t["cpu_s"], 2) for t in tries]
-            if i + 1 == len(todo) or todo[i + 1].kind != case.kind:
-                base_rss[case.kind] = worker_rss(cpus)
             print(f"{case.kind:14s} {case.variant:22s} {case.size:5d} {case.role:5s} cpu {r['cpu_s_tries']} s "
                   f"wall {r['wall_s']:6.2f} s load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)  # fmt: skip
             results.append(r)
@@ -320,7 +332,7 @@ def main() -> None:
     kinds = {}
     for kind in sorted({r["kind"] for r in results}):
         runs = [r for r in results if r["kind"] == kind and r["role"] == "fit"]
-        kinds[kind] = fit(kind, runs, sizing, float(cpus) if kind == "Prediction" else None, base_rss[kind])
+        kinds[kind] = fit(kind, runs, sizing, float(cpus) if kind == "Prediction" else None)
     load_avg = tuple(round((a + b) / 2, 2) for a, b in zip(load_before, load_after, strict=True))
     cal = C.Calibration(
         machine=f"{socket.gethostname()} {platform.processor() or platform.machine()}",
@@ -338,6 +350,7 @@ def main() -> None:
                       "est_wall_s": round(est.wall_seconds, 2), "wall_s": round(r["wall_s"], 2),
                       "wall_error": round(est.wall_seconds / r["wall_s"] - 1, 3),
                       "est_worker_peak_mib": round(est.peak_memory_per_worker_bytes / 2**20),
+                      "task_peak_mib": round(r["task_peak_bytes"] / 2**20),
                       "usage_peak_mib": round(r["peak_bytes"] / 2**20),
                       "terms": {k: round(v, 6) for k, v in r["work"].terms.items()}})  # fmt: skip
     checks = [t for t in table if t["role"] == "check"]
@@ -350,7 +363,9 @@ def main() -> None:
                     "machine_busy_cpu_s": round(busy1 - busy0, 1), "steal_cpu_s": round(steal1 - steal0, 1),
                     "seconds": round(time.perf_counter() - t0, 1)},  # fmt: skip
         "measured": "usage.cpuSeconds (+ Serve replica CPU for Prediction) and usage.wallSeconds of each run; "
-                    "usage_peak_mib is the largest process, this benchmark's own driver included",
+                    "task_peak_mib the largest block task's worker (what est_worker_peak_mib estimates; a "
+                    "Prediction's model replicas not included), usage_peak_mib the largest process, this "
+                    "benchmark's own driver included",
         "calibration": replace(cal, origin="").to_dict(),
         "runs": table,
         "target_error": TARGET,
