@@ -32,7 +32,8 @@ def test_axis_arithmetic_matches_the_jobs() -> None:
 def test_change_score_counts() -> None:
     # 3 times × 2 bands, 100×70 px in chunks of 16: blocks of 32 px → 4 rows × 3 columns.
     src = W.Raster(3, ("a", "b"), (100, 70), (16, 16))
-    work = W.change_score(src, (0, 100, 0, 70), 2, ["d", "d_z"], ["difference"], 5, 2, MAX_CHUNK, STRIP)
+    work = W.change_score(src, (0, 100, 0, 70), 2, ["d", "d_robust_time_zscore"], ["difference"], 5, 2, MAX_CHUNK,
+                          STRIP)  # fmt: skip
     assert work.blocks == 12
     # chunks read per time: rows 2+2+2+1 = 7, columns 2+2+1 = 5
     assert work.chunk_reads == 3 * 7 * 5 == 105
@@ -41,8 +42,9 @@ def test_change_score_counts() -> None:
     assert work.bytes_written == 3 * 2 * 100 * 70 * 4
     assert work.ledger_markers == 12
     assert work.object_store_requests == 105 + 105 + 12 + 2 * 105 + W.METADATA_REQUESTS_PER_JOB + 12 * W.METADATA_REQUESTS_PER_BLOCK
-    assert work.terms == {W.TERM_READ: 100 * 70 / 1e6 * 3 * 2, W.TERM_SCORES: 100 * 70 / 1e6 * 3 * 2}
-    assert work.output is not None and work.output.shape == (100, 70) and work.output.bands == ("d", "d_z")
+    mpx = 100 * 70 / 1e6
+    assert work.terms == {W.TERM_READ: mpx * 3 * 2, W.TERM_DIFFERENCE: mpx * 3 * 2, W.TERM_ZSCORE: mpx * 3 * 1}
+    assert work.output is not None and work.output.shape == (100, 70) and work.output.bands == ("d", "d_robust_time_zscore")
 
 
 def test_change_score_selector_and_strips_reread_chunks() -> None:
@@ -50,7 +52,10 @@ def test_change_score_selector_and_strips_reread_chunks() -> None:
     # window rows 8..40, columns 0..32: one block of 32×32 whose rows straddle 3 chunk rows
     work = W.change_score(src, (8, 40, 0, 32), 1, ["s"], ["looMedoid"], 5, 2, MAX_CHUNK, STRIP)
     assert work.blocks == 1 and work.chunk_reads == 2 * 3 * 2
-    assert work.terms == {W.TERM_READ: 32 * 32 / 1e6 * 2, W.TERM_SCORES: 32 * 32 / 1e6 * 2, W.TERM_LOO_MEDOID: 32 * 32 / 1e6 * 2 * 2 * 1}
+    assert work.terms == {W.TERM_READ: 32 * 32 / 1e6 * 2, W.TERM_LOO_MEDOID: 32 * 32 / 1e6 * 2 * 2 * 1}
+    # with looMedoid, difference is the pairwise matrix's sub-diagonal: no term of its own
+    both = W.change_score(src, (8, 40, 0, 32), 1, ["d", "l"], ["difference", "looMedoid"], 5, 2, MAX_CHUNK, STRIP)
+    assert W.TERM_DIFFERENCE not in both.terms
     # strips of 8 rows (256 px / 32 columns): rows 8-16, 16-24, 24-32, 32-40 → one chunk row each
     # (4), each strip reading 2 chunk columns
     strips = W.change_score(src, (8, 40, 0, 32), 1, ["s"], ["looMedoid"], 5, 2, MAX_CHUNK, 256)
@@ -62,7 +67,7 @@ def test_change_score_selector_and_strips_reread_chunks() -> None:
 def test_change_score_cluster_terms() -> None:
     src = W.Raster(4, ("a", "b", "c"), (32, 32), (16, 16))
     work = W.change_score(src, (0, 32, 0, 32), 3, ["l", "c"], ["clusterTransition"], 7, 1, MAX_CHUNK, STRIP)
-    assert work.terms == {W.TERM_READ: 32 * 32 / 1e6 * 4 * 3, W.TERM_SCORES: 32 * 32 / 1e6 * 4 * 2, W.TERM_CLUSTER: 32 * 32 / 1e6 * 4 * 3 * 7,
+    assert work.terms == {W.TERM_READ: 32 * 32 / 1e6 * 4 * 3, W.TERM_CLUSTER: 32 * 32 / 1e6 * 4 * 3 * 7,
                           W.TERM_CLUSTER_FIT: 1.0}
 
 

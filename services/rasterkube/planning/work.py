@@ -41,10 +41,12 @@ METADATA_REQUESTS_PER_JOB: Final = 125
 METADATA_REQUESTS_PER_BLOCK: Final = 12
 
 # Cost-term names (calibration keys).
-# Every ChangeScore reads its bands (Mpx · time · band) and writes its scores (Mpx · time ·
-# score band: the difference, a robust z-score, writing); the other methods add their own.
+# Every ChangeScore reads its bands (Mpx · time · band); difference computed on its own adds as
+# much again (with looMedoid it is the pairwise matrix's sub-diagonal: free); each robust
+# z-score band is a median and a MAD through time per pixel (Mpx · time).
 TERM_READ: Final = "read"
-TERM_SCORES: Final = "scores"
+TERM_DIFFERENCE: Final = "difference"
+TERM_ZSCORE: Final = "zscore"
 TERM_LOO_MEDOID: Final = "looMedoid"  # Mpx · time² · band (a T×T distance matrix per pixel)
 TERM_CLUSTER: Final = "clusterTransition"  # Mpx · time · band · k
 TERM_CLUSTER_FIT: Final = "clusterFit"  # 1 per job: clusters fitted on a fixed-size sample
@@ -52,8 +54,9 @@ TERM_POLYGONIZE: Final = "polygonize"  # Mpx · time · feature
 TERM_COMPOSITE: Final = "composite"  # Mpx · scene · asset (scene pixels read and composited)
 TERM_PATCHES_PREFIX: Final = "patchMpx:"  # + model sha256: Mpx of patches through the model
 TERM_UNITS: Final = {
-    TERM_READ: "Mpx·time·band read",
-    TERM_SCORES: "Mpx·time·score band",
+    TERM_READ: "Mpx·time·band",
+    TERM_DIFFERENCE: "Mpx·time·band",
+    TERM_ZSCORE: "Mpx·time·z-scored band",
     TERM_LOO_MEDOID: "Mpx·time²·band",
     TERM_CLUSTER: "Mpx·time·band·k",
     TERM_CLUSTER_FIT: "job",
@@ -61,6 +64,10 @@ TERM_UNITS: Final = {
     TERM_COMPOSITE: "Mpx·scene·asset",
     TERM_PATCHES_PREFIX: "Mpx of patches",
 }
+
+
+#: How a robust z-score band's name ends (:func:`rasterkube.change.scores.score_name`).
+ZSCORE_SUFFIX: Final = "_robust_time_zscore"
 
 
 def patch_term(model_sha256: str) -> str:
@@ -251,7 +258,12 @@ def change_score(
     # A source chunk holds every band (rasterkube's layout): a read moves all of them.
     chunk_bytes = len(source.bands) * source.chunk[0] * source.chunk[1] * source.itemsize
     mpx = out.pixels / MPX
-    terms = {TERM_READ: mpx * t * n_bands, TERM_SCORES: mpx * t * len(names)}
+    terms = {TERM_READ: mpx * t * n_bands}
+    if TERM_DIFFERENCE in methods and TERM_LOO_MEDOID not in methods:
+        terms[TERM_DIFFERENCE] = mpx * t * n_bands
+    z_bands = sum(1 for n in names if n.endswith(ZSCORE_SUFFIX))
+    if z_bands:
+        terms[TERM_ZSCORE] = mpx * t * z_bands
     if TERM_LOO_MEDOID in methods:
         terms[TERM_LOO_MEDOID] = mpx * t * t * n_bands
     if TERM_CLUSTER in methods:
