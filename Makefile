@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_precision.py --request-batches 4 --json out/bench/precision.json
 	$(PY) bench/bench_reads.py --json out/bench/reads.json
 	$(PY) bench/bench_resume.py --json out/bench/resume.json
+	$(PY) bench/bench_calibrate.py --json out/bench/calibrate.json
 
 # 16384² px jobs: about half an hour on 2 cores, so not part of `make bench`.
 bench-large: $(STAMP)

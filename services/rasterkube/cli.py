@@ -55,6 +55,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rasterkube import manifests, runner
+    from rasterkube.planning import calibration, inputs, render
+
+    for flag, value in (("--workers", args.workers), ("--cpus-per-worker", args.cpus_per_worker), ("--gpus", args.gpus)):
+        if value is not None and (value < 0 or (value == 0 and flag != "--gpus")):
+            raise UserError(f"{flag}: must be {'0 or more' if flag == '--gpus' else 'positive'}, got {value:g}")
+    cal = calibration.load(args.calibration)
+    loaded = manifests.load(args.filename)
+    estimates = inputs.plan_manifests(loaded, runner.storage_root(args.storage_root), cal, workers=args.workers,
+                                      cpus_per_worker=args.cpus_per_worker, gpus=args.gpus)  # fmt: skip
+    if args.json:
+        print(json.dumps([e.to_dict() for e in estimates], indent=2))
+    else:
+        print(render.table(estimates))
+    return EXIT_OK
+
+
 def cmd_crds(args: argparse.Namespace) -> int:
     from rasterkube import crdgen
 
@@ -207,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storage-root", help="default output root (env RASTERKUBE_STORAGE_ROOT; ./rasterkube-data)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     run.set_defaults(fn=cmd_run)
+
+    plan = sub.add_parser("plan", help="estimate blocks, bytes, requests, memory and core/GPU-hours without running")
+    plan.add_argument("-f", "--filename", action="append", required=True, help="manifest file (YAML; '-' = stdin)")
+    plan.add_argument("--storage-root", help="default output root, as for run (resolves refs to earlier outputs)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    plan.add_argument("--calibration", help="calibration JSON of another machine (bench/bench_calibrate.py --out); "
+                                            "default: the one shipped with rasterkube")  # fmt: skip
+    plan.add_argument("--workers", type=int, help="Ray workers to assume (default: each resource's spec.resources)")
+    plan.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default: spec.resources.cpus)")
+    plan.add_argument("--gpus", type=float, help="GPUs in all (default: spec.resources.gpus × workers)")
+    plan.set_defaults(fn=cmd_plan)
 
     crds = sub.add_parser("crds", help="write the CRDs generated from the API models")
     crds.add_argument("--out", default="crds", help="directory for the CRD YAML files")

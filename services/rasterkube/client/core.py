@@ -548,6 +548,45 @@ class Client:
                 total = total + Usage.from_dict(status["usage"])
         return total
 
+    def plan(
+        self,
+        *manifests: str | os.PathLike[str] | Mapping[str, Any],
+        calibration: str | os.PathLike[str] | None = None,
+        workers: int | None = None,
+        cpus_per_worker: float | None = None,
+        gpus: float | None = None,
+    ) -> list[Any]:
+        """What running ``manifests`` would cost, without running them (``rasterkube plan``):
+        one :class:`rasterkube.planning.Estimate` per resource, in dependency order — blocks
+        and patches, bytes read and written, object-store requests, peak memory per worker,
+        core-, GPU- and wall time (``.to_dict()`` for the JSON form).
+
+        ``manifests``: paths of YAML files, or manifests as dicts (their namespace defaults to
+        the client's); refs between them are planned on the upstream's planned output.
+        ``calibration``: a calibration JSON of another machine (default: the shipped one);
+        ``workers``, ``cpus_per_worker``, ``gpus``: the sizing to assume instead of each
+        resource's ``spec.resources``. Only metadata is read (source stores, the STAC search
+        of a Mosaic, the model file's hash)."""
+        from rasterkube import manifests as mf
+        from rasterkube import runner
+        from rasterkube.planning import calibration as cal
+        from rasterkube.planning import inputs
+
+        if not manifests:
+            raise UserError("manifests: give at least one manifest file or manifest dict")
+        items: list[mf.Loaded] = []
+        for i, m in enumerate(manifests):
+            if isinstance(m, Mapping):
+                doc = dict(m)
+                meta = dict(doc.get("metadata") or {})
+                meta.setdefault("namespace", self.namespace)
+                items.append(mf.validate({**doc, "metadata": meta}, f"manifests[{i}]"))
+            else:
+                items.extend(mf.load([os.fspath(m)]))
+        root = self.storage_root or runner.storage_root()
+        return inputs.plan_manifests(items, root, cal.load(calibration), workers=workers,
+                                     cpus_per_worker=cpus_per_worker, gpus=gpus)  # fmt: skip
+
     def wait(self, result: Result, timeout: float | None = None) -> Result:
         """Block until ``result``'s resource succeeded, with a progress bar; the final result.
         Raises ResourceFailed (phase Failed / Stalled, or its source failed) or WaitTimeout."""
