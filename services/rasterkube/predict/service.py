@@ -8,6 +8,7 @@ writes the block. Blocks are chunk-aligned, so tasks never share an output chunk
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Final
 
@@ -29,7 +30,7 @@ from rasterkube.jobs.context import (
     raster_summary,
     source_version,
 )
-from rasterkube.predict import actors, models, serving, windows
+from rasterkube.predict import actors, models, serving, stages, windows
 from rasterkube.runtime import executor
 from rasterkube.runtime.blocks import plan_blocks
 from rasterkube.runtime.executor import run_blocks
@@ -79,6 +80,7 @@ class BlockParams:
     out_channels: int
     app: str
     out_uri: str
+    run: str = ""  # names this run's stage timings (stages.record)
 
 
 def block_buffer_bytes(spec: PredictionSpec, block_side: int, n_inputs: int, in_channels: int, out_channels: int) -> int:
@@ -152,31 +154,48 @@ def _model_inputs(x: np.ndarray, time_stacked: bool) -> list[np.ndarray]:
 
 def predict_block(block: Window, p: BlockParams) -> int:
     """Predict one output block (a Ray task). Returns the number of patches predicted."""
+    times = stages.StageTimes()
     halo = windows.halo_block(block, p.clip_size, p.image_shape)
-    x = geozarr.read_block(p.source, halo.read, p.feature_indices).astype(np.float32, copy=False)
+    with times.timed(stages.READ):
+        x = geozarr.read_block(p.source, halo.read, p.feature_indices).astype(np.float32, copy=False)
     origins = windows.patch_origins(*block.shape, p.patch_size, p.clip_size)
     inner = halo.block_in_read.slices
     predictor = serving.ServePredictor(p.app)
     pending = []
     for image in _model_inputs(x, p.time_stacked):
-        valid = windows.valid_pixels(image[(slice(None), *inner)])
-        padded = windows.pad_halo(windows.fill_invalid(image), halo, PAD_MODE, patch_size=p.patch_size)
-        patches = windows.cut_patches(padded, origins, p.patch_size)
+        with times.timed(stages.CUT):
+            valid = windows.valid_pixels(image[(slice(None), *inner)])
+            padded = windows.pad_halo(windows.fill_invalid(image), halo, PAD_MODE, patch_size=p.patch_size)
+            patches = windows.cut_patches(padded, origins, p.patch_size)
         # Every batch of every input in flight before the first result is awaited: the
         # replica's queue stays full while this task waits.
-        responses = [predictor.submit(patches[i : i + p.max_batch_size]) for i in range(0, len(patches), p.max_batch_size)]
+        with times.timed(stages.SEND):
+            responses = [predictor.submit(patches[i : i + p.max_batch_size]) for i in range(0, len(patches), p.max_batch_size)]
         pending.append((valid, responses))
     out_shape = (p.out_channels, *block.shape)
     outs = []
     for valid, responses in pending:
-        preds = np.concatenate([predictor.result(r) for r in responses])
-        if p.merge_mode == MergeMode.CLIP:
-            merged = windows.merge_clip(preds, origins, out_shape, p.clip_size)
-        else:
-            merged = windows.merge_weighted(preds, origins, out_shape, p.patch_size, p.clip_size)
-        outs.append(windows.with_nodata(merged, valid).astype(np.float32, copy=False))
-    geozarr.write_region(p.out_uri, DATA_VAR, block, np.stack(outs))
+        with times.timed(stages.RECEIVE):
+            results = [predictor.result(r) for r in responses]
+        with times.timed(stages.MERGE):
+            preds = np.concatenate(results)
+            if p.merge_mode == MergeMode.CLIP:
+                merged = windows.merge_clip(preds, origins, out_shape, p.clip_size)
+            else:
+                merged = windows.merge_weighted(preds, origins, out_shape, p.patch_size, p.clip_size)
+            outs.append(windows.with_nodata(merged, valid).astype(np.float32, copy=False))
+    with times.timed(stages.WRITE):
+        geozarr.write_region(p.out_uri, DATA_VAR, block, np.stack(outs))
+    _record(times, predictor, block, len(origins) * len(outs), p.run)
     return len(origins) * len(outs)
+
+
+def _record(times: stages.StageTimes, predictor: serving.ServePredictor, block: Window, patches: int, run: str) -> None:
+    times.add(stages.MODEL, predictor.model_cpu_s, predictor.model_wall_s)
+    times.count("patches", patches)
+    times.count("pixels", block.shape[0] * block.shape[1])
+    times.count("blocks", 1)
+    stages.record(times, run)
 
 
 def idle_timeout(requested_s: float, embedded_ray: bool) -> float:
@@ -259,6 +278,7 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
             out_channels=sig.out_channels,
             app=app,
             out_uri=stage.uri,
+            run=request.run_id,
         )
         blocks = plan_blocks(info.grid.shape, out.chunks[2:], spec.xy_block_multiplier)
         item = provenance.validated(provenance.raster_item(
@@ -269,6 +289,7 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
             provenance.RasterOutput(info.grid, out.times, out.bands, str(out.dtype), title="model predictions",
                                     end=info.times.max() if plan.time_stacked else None),  # fmt: skip
         ))
+        block_phase = time.perf_counter()
         patches = run_blocks(
             predict_block,
             blocks,
@@ -282,6 +303,7 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
             ledger=stage.ledger,
             finished=stage.finished,
         )
+        block_phase = time.perf_counter() - block_phase
         levels = commit_store(
             stage,
             request.output_uri,
@@ -300,6 +322,10 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
         if not spec.serving.share_deployment:
             serving.delete(app)  # a per-run deployment ends with its run
     summary = raster_summary(out, len(blocks), stage.reused(blocks), patches=int(sum(patches)), deployment=app, deploymentReused=reused)
+    timings = stages.collect(request.run_id)
+    if timings is not None:
+        timings.count(stages.BLOCK_PHASE_S, block_phase)
+        summary["stages"] = timings.to_dict()
     if levels is not None:
         summary["multiscales"] = [list(g.shape) for g in levels]
     return JobResult(uri=request.output_uri, summary=summary)
