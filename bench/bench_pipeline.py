@@ -100,9 +100,10 @@ def make_source(uri: str, side: int, chunk: int) -> None:
 def model_only(model: Path, src: str, args: argparse.Namespace) -> tuple[float, int]:
     """(best seconds, patches) of the model alone on all cores over the whole image's patches."""
     from rasterkube import geozarr
+    from rasterkube.grid import Window
     from rasterkube.predict import models, serving, windows
 
-    image = geozarr.read_region(src, "variables", geozarr.describe(src, "variables").grid.window)[0]
+    image = geozarr.read_region(src, "variables", Window(0, args.side, 0, args.side))[0]
     origins = windows.patch_origins(args.side, args.side, args.patch, args.clip)
     patches = windows.cut_patches(windows.pad_for_patches(image, args.clip, "reflect", patch_size=args.patch), origins, args.patch)
     del image

@@ -207,8 +207,16 @@ def idle_timeout(requested_s: float, embedded_ray: bool) -> float:
     return min(float(requested_s), EMBEDDED_IDLE_S) if embedded_ray else float(requested_s)
 
 
-def serve_config(spec: PredictionSpec, prepared: Prepared) -> serving.ServeConfig:
+def cluster_cpus() -> tuple[float, float]:
+    """(CPUs of the Ray cluster, CPUs of its largest alive node) now."""
+    nodes = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return float(ray.cluster_resources().get("CPU", 0.0)), float(max(nodes, default=0.0))
+
+
+def serve_config(spec: PredictionSpec, prepared: Prepared, cpus: tuple[float, float]) -> serving.ServeConfig:
+    """The deployment's settings; ``cpus`` (:func:`cluster_cpus`) sizes an unset cpusPerReplica."""
     fetched = prepared.fetched
+    sv = spec.serving
     # A local file is handed to replicas by absolute path; remote ones by URI (fetched there).
     uri = spec.model.uri if models.is_remote(models.resolve_uri(spec.model.uri)) else str(fetched.path)
     return serving.ServeConfig(
@@ -219,7 +227,7 @@ def serve_config(spec: PredictionSpec, prepared: Prepared) -> serving.ServeConfi
         max_batch_size=spec.max_batch_size,
         replicas=spec.serving.replicas,
         max_replicas=spec.serving.max_replicas,
-        cpus_per_replica=spec.serving.cpus_per_replica,
+        cpus_per_replica=serving.replica_cpus(sv.cpus_per_replica, sv.replicas, sv.max_replicas, sv.gpus_per_replica, *cpus),
         gpus_per_replica=spec.serving.gpus_per_replica,
         idle_timeout_s=idle_timeout(spec.serving.idle_timeout_seconds, executor.embedded()),
         probe_channels=prepared.plan.in_channels if prepared.signature.format == models.FORMAT_TORCHSCRIPT else None,
@@ -238,7 +246,7 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
     info, plan, sig = prepared.info, prepared.plan, prepared.signature
     out_times, extra_coords = actors.output_times(plan, info.times)
     stage = open_stage(resource, request.output_uri, source=source_version(request), model=prepared.fetched.sha256)
-    config = serve_config(spec, prepared)
+    config = serve_config(spec, prepared, cluster_cpus())
     app = config.app_name(spec.serving.share_deployment, request.run_id)
     try:
         out = geozarr.create(

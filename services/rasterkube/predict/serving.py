@@ -46,6 +46,10 @@ DEPLOY_TIMEOUT_S: Final = 900.0
 POLL_S: Final = 2.0
 #: What a replica is called in messages.
 MODEL_REPLICA: Final = "model replica"
+#: CPUs of a GPU replica when serving.cpusPerReplica is unset (it feeds its GPU).
+GPU_REPLICA_CPUS: Final = 1.0
+#: The least CPU a sized replica asks for.
+MIN_REPLICA_CPUS: Final = 0.01
 #: The replica method block tasks call: predictions with the model time they took.
 TIMED_METHOD: Final = "timed"
 
@@ -84,6 +88,31 @@ def pick_device(requested: str, cuda_available: bool) -> str:
     if requested == DeviceKind.AUTO:
         return "cuda" if cuda_available else "cpu"
     return str(requested)
+
+
+def replica_cpus(
+    requested: float | None,
+    replicas: int,
+    max_replicas: int | None,
+    gpus_per_replica: float,
+    cluster_cpus: float,
+    node_cpus: float,
+) -> float:
+    """``serving.cpusPerReplica``, or when unset what the Ray cluster can give each replica.
+
+    Block tasks reserve no CPU (they wait for the model most of the time), so on CPU a
+    replica gets its share of the cluster's CPUs — all of them for one replica — whole cores
+    (torch threads), at most the largest node's (a replica runs on one node). A GPU replica
+    gets one CPU to feed its GPU: the rest of the CPUs belong to the block tasks that read,
+    cut, merge and write for it.
+    """
+    if requested is not None:
+        return float(requested)
+    if gpus_per_replica > 0:
+        return GPU_REPLICA_CPUS
+    share = min(cluster_cpus / max(replicas, max_replicas or replicas), node_cpus)
+    # Less than a core each (more replicas than CPUs): the fraction, so that they all fit.
+    return float(math.floor(share)) if share >= 1 else max(math.floor(share * 100) / 100, MIN_REPLICA_CPUS)
 
 
 def torch_threads(cpus: float) -> int:
