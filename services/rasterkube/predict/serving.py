@@ -195,8 +195,15 @@ def _deployment_class() -> Any:
             out, _ = await self.predict_batch(batch)
             return out
 
-        async def timed(self, batch: np.ndarray) -> tuple[np.ndarray, ModelTime]:
-            """Predictions and this request's share of the model call's (wall, CPU) seconds."""
+        async def timed(self, batch: Any) -> tuple[np.ndarray, ModelTime]:
+            """Predictions and this request's share of the model call's (wall, CPU) seconds.
+
+            ``batch`` may be an object ref (block tasks put batches in the object store): it
+            is mapped from there, read-only, without a copy."""
+            import ray
+
+            if isinstance(batch, ray.ObjectRef):
+                batch = await batch
             return await self.predict_batch(batch)
 
         def device(self) -> str:

@@ -43,6 +43,7 @@ class StageTimes:
     cpu: dict[str, float] = field(default_factory=dict)
     wall: dict[str, float] = field(default_factory=dict)
     counts: dict[str, float] = field(default_factory=dict)
+    _open: list[tuple[str, tuple[float, float]]] = field(default_factory=list, repr=False, compare=False)
 
     def add(self, stage: str, cpu_s: float, wall_s: float) -> None:
         self.cpu[stage] = self.cpu.get(stage, 0.0) + cpu_s
@@ -53,11 +54,20 @@ class StageTimes:
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
-        cpu, wall = time.process_time(), time.perf_counter()
+        """Time ``stage``; a stage timed inside another pauses the outer one (no double count)."""
+        now = (time.process_time(), time.perf_counter())
+        if self._open:
+            outer, (cpu, wall) = self._open[-1]
+            self.add(outer, now[0] - cpu, now[1] - wall)
+        self._open.append((stage, now))
         try:
             yield
         finally:
-            self.add(stage, time.process_time() - cpu, time.perf_counter() - wall)
+            _, (cpu, wall) = self._open.pop()
+            end = (time.process_time(), time.perf_counter())
+            self.add(stage, end[0] - cpu, end[1] - wall)
+            if self._open:
+                self._open[-1] = (self._open[-1][0], end)
 
     def merge(self, other: StageTimes) -> StageTimes:
         for stage in other.cpu:
