@@ -109,8 +109,12 @@ def test_memory_checks() -> None:
         check_memory(_spec(patchSize=1024, clipSize=32, maxBatchSize=1024), 512, plan, 1, 2)
     with pytest.raises(UserError, match="spec.xyBlockMultiplier: a block of 16x512 px"):
         check_memory(_spec(patchSize=256, clipSize=100, xyBlockMultiplier=16), 512, plan, 6, 8)
-    # Buffers grow with the overlap of patches: stride 56 of 256 px → ~21 copies of each pixel.
-    assert block_buffer_bytes(_spec(patchSize=256, clipSize=100), 512, 1, 4, 2) > 20 * 512 * 512 * 4 * 4
+    # Patches stream to the model a batch at a time: buffers no longer grow with the overlap of
+    # patches (stride 56 of 256 px held ~21 copies of each pixel), only the batches in flight.
+    large = block_buffer_bytes(_spec(patchSize=256, clipSize=100), 4096, 1, 4, 2)
+    frame = (4096 + 200) ** 2 * 4 * 4
+    assert frame < large < frame + 4096**2 * 2 * 4 + 10 * 16 * 6 * 256**2 * 4
+    assert block_buffer_bytes(_spec(patchSize=256, clipSize=100, mergeMode="weightedAverage"), 4096, 1, 4, 2) > large
 
 
 def test_quantities() -> None:

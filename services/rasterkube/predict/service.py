@@ -89,16 +89,18 @@ class BlockParams:
 
 
 def block_buffer_bytes(spec: PredictionSpec, block_side: int, n_inputs: int, in_channels: int, out_channels: int) -> int:
-    """Peak bytes a block task holds: input with halo, patches and predictions of every input."""
+    """Peak bytes a block task holds (:class:`_BlockPipeline`): the padded input frame of every
+    input, the batches in flight with their predictions, and the output (or the float64 sums
+    of weightedAverage). Patches are not held: they go to the model a batch at a time."""
     p, c = spec.patch_size, spec.clip_size
-    stride = p - 2 * c
     side = block_side + 2 * c
-    n_patches = (-(-block_side // stride)) ** 2
-    read = n_inputs * in_channels * side * side * BYTES_F32
-    patches = n_patches * in_channels * p * p * BYTES_F32
-    preds = n_inputs * n_patches * out_channels * p * p * BYTES_F32
-    merged = out_channels * side * side * 8  # float64 accumulator of weightedAverage
-    return read + patches + preds + merged
+    frame = n_inputs * in_channels * side * side * BYTES_F32
+    batches = (MAX_BATCHES_IN_FLIGHT + 1) * spec.max_batch_size * (in_channels + out_channels) * p * p * BYTES_F32
+    if spec.merge_mode == MergeMode.CLIP:
+        merged = n_inputs * out_channels * block_side * block_side * BYTES_F32
+    else:
+        merged = (n_inputs * out_channels + 1) * side * side * 8
+    return frame + batches + merged
 
 
 def check_memory(spec: PredictionSpec, chunk: int, plan: actors.ActorPlan, n_times: int, out_channels: int) -> None:
