@@ -318,8 +318,11 @@ class _BlockPipeline:
 def predict_block(block: Window, p: BlockParams) -> int:
     """Predict one output block (a Ray task). Returns the number of patches predicted."""
     times = stages.StageTimes()
+    cpu = time.process_time()
     pipeline = _BlockPipeline(block, p, times)
     patches = pipeline.run()
+    # The rest of this task's CPU ran in Serve's router threads: encoding requests, decoding replies.
+    times.add(stages.UNTIMED, time.process_time() - cpu - sum(times.cpu.values()), 0.0)
     times.add(stages.MODEL, pipeline.predictor.model_cpu_s, pipeline.predictor.model_wall_s)
     times.count("patches", patches)
     times.count("pixels", block.shape[0] * block.shape[1])

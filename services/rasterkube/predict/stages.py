@@ -33,7 +33,10 @@ MERGE: Final = "merge"
 WRITE: Final = "write"
 #: Wall seconds of the whole block phase (the driver's ``run_blocks``), in ``counts``.
 BLOCK_PHASE_S: Final = "blockPhaseSeconds"
-STAGES: Final = (READ, CUT, SEND, MODEL, RECEIVE, MERGE, WRITE)
+#: A block task's CPU outside its timed stages: Serve's router threads, which encode the
+#: requests and decode the replies in the background (transfer, both ways).
+UNTIMED: Final = "taskUntimed"
+STAGES: Final = (READ, CUT, SEND, MODEL, RECEIVE, MERGE, WRITE, UNTIMED)
 
 
 @dataclass
