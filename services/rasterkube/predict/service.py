@@ -4,6 +4,13 @@ Orchestration and I/O only. Each block task reads its block with a ``clipSize`` 
 cuts patches (:mod:`rasterkube.predict.windows`), sends them in batches of ``maxBatchSize`` to
 the model deployment (:mod:`rasterkube.predict.serving`), merges the predictions back and
 writes the block. Blocks are chunk-aligned, so tasks never share an output chunk.
+
+Hosting stays Ray Serve for every Prediction, shared or not. Running the model inside the
+block workers (Ray actors holding it, as Ray Data does) could only save what Serve costs
+between a block task and its replica, and that was measured small (bench/bench_pipeline.py,
+4096² px light-model case: request/reply transfer on both sides plus the replica's own
+overhead 0.035 core-s/Mpx against 1.46 for the model, replica busy 96 % of the block phase),
+while Serve gives sharing between runs, fractional GPUs and autoscaling for free.
 """
 
 from __future__ import annotations
