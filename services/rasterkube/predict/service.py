@@ -186,7 +186,8 @@ class _BlockPipeline:
         # A block smaller than one patch is padded whole (enlarged to the patch size).
         whole = min(hp, wp) < p.patch_size
         self.strips = [(0, self.halo.read.shape[0])] if whole else windows.strip_rows(self.halo, p.chunk)
-        self.out_strips = [(a, min(a + p.chunk, block.shape[0])) for a in range(0, block.shape[0], p.chunk)]
+        step = p.chunk or block.shape[0]
+        self.out_strips = [(a, min(a + step, block.shape[0])) for a in range(0, block.shape[0], step)]
         self.weighted = p.merge_mode != MergeMode.CLIP
         self.window = windows.blend_window(p.patch_size, p.clip_size) if self.weighted else None
         self.predictor = serving.ServePredictor(p.app)
