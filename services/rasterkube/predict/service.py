@@ -211,8 +211,11 @@ class _BlockPipeline:
             with self.times.timed(stages.CUT):
                 if number == 0:
                     self._allocate(x)
-                self._valid(x, a, b)
-                filled = windows.fill_invalid(x)
+                # One finiteness pass gives the nodata mask, and a copy with NaN filled only
+                # where there is NaN (most strips have none).
+                finite = np.isfinite(x)
+                self._valid(finite, a, b)
+                filled = x if finite.all() else windows.fill_invalid(x)
                 for i in range(len(filled)):
                     if len(self.strips) == 1:
                         self.frame[i] = windows.pad_halo(filled[i], halo, PAD_MODE, patch_size=p.patch_size)
@@ -250,12 +253,13 @@ class _BlockPipeline:
         else:
             self.out = np.empty((n, p.out_channels, *self.block.shape), dtype=np.float32)
 
-    def _valid(self, x: np.ndarray, a: int, b: int) -> None:
+    def _valid(self, finite: np.ndarray, a: int, b: int) -> None:
+        """Valid pixels (every band finite, as windows.valid_pixels) of the block rows in read rows [a, b)."""
         inner = self.halo.block_in_read
         r0, r1 = max(a, inner.y0), min(b, inner.y1)
         if r1 > r0:
-            for i in range(len(x)):
-                self.valid[i, r0 - inner.y0 : r1 - inner.y0] = windows.valid_pixels(x[i][:, r0 - a : r1 - a, inner.x0 : inner.x1])
+            rows = finite[:, :, r0 - a : r1 - a, inner.x0 : inner.x1]
+            self.valid[:, r0 - inner.y0 : r1 - inner.y0] = rows.all(axis=1)
 
     def _cut_row(self, y: int) -> None:
         p = self.p
