@@ -109,8 +109,12 @@ def test_memory_checks() -> None:
         check_memory(_spec(patchSize=1024, clipSize=32, maxBatchSize=1024), 512, plan, 1, 2)
     with pytest.raises(UserError, match="spec.xyBlockMultiplier: a block of 16x512 px"):
         check_memory(_spec(patchSize=256, clipSize=100, xyBlockMultiplier=16), 512, plan, 6, 8)
-    # Buffers grow with the overlap of patches: stride 56 of 256 px → ~21 copies of each pixel.
-    assert block_buffer_bytes(_spec(patchSize=256, clipSize=100), 512, 1, 4, 2) > 20 * 512 * 512 * 4 * 4
+    # Patches stream to the model a batch at a time: buffers no longer grow with the overlap of
+    # patches (stride 56 of 256 px held ~21 copies of each pixel), only the batches in flight.
+    large = block_buffer_bytes(_spec(patchSize=256, clipSize=100), 4096, 1, 4, 2)
+    frame = (4096 + 200) ** 2 * 4 * 4
+    assert frame < large < frame + 4096**2 * 2 * 4 + 10 * 16 * 6 * 256**2 * 4
+    assert block_buffer_bytes(_spec(patchSize=256, clipSize=100, mergeMode="weightedAverage"), 4096, 1, 4, 2) > large
 
 
 def test_quantities() -> None:
@@ -121,3 +125,20 @@ def test_quantities() -> None:
 def test_embedded_ray_gives_idle_replicas_back_quickly() -> None:
     assert idle_timeout(120, embedded_ray=False) == 120.0
     assert idle_timeout(120, embedded_ray=True) == 5.0 and idle_timeout(1, embedded_ray=True) == 1.0
+
+
+def test_unset_cpus_per_replica_is_sized_from_the_cluster() -> None:
+    assert PredictionSpec.model_validate(
+        {"source": {"uri": "s3://b/s.zarr"}, "model": {"uri": "s3://b/m.pt2", "features": ["a"], "labels": ["x"]}}
+    ).serving.cpus_per_replica is None, "no serving settings: sized at run time, not 1 CPU"
+    size = serving.replica_cpus
+    assert size(None, 1, None, 0.0, 2.0, 2.0) == 2.0, "one replica gets every core of a 2-CPU cluster"
+    assert size(None, 2, None, 0.0, 16.0, 8.0) == 8.0
+    assert size(None, 1, None, 0.0, 16.0, 8.0) == 8.0, "at most one node's CPUs: a replica runs on one node"
+    assert size(None, 2, 6, 0.0, 24.0, 8.0) == 4.0, "sized for maxReplicas so that all of them fit"
+    assert size(None, 3, None, 0.0, 8.0, 8.0) == 2.0, "whole cores (torch threads)"
+    assert size(None, 4, None, 0.0, 2.0, 2.0) == 0.5, "fewer CPUs than replicas: a fraction each, all fit"
+    assert size(None, 1, None, 1.0, 16.0, 16.0) == serving.GPU_REPLICA_CPUS, "a GPU replica feeds its GPU"
+    assert size(0.5, 1, None, 0.0, 16.0, 16.0) == 0.5, "an explicit setting is kept"
+    config = dataclasses.replace(CONFIG, cpus_per_replica=size(None, 4, None, 0.0, 2.0, 2.0), replicas=4)
+    serving.check_capacity(config, 0.0, {"CPU": 2.0})

@@ -310,3 +310,54 @@ def test_merges_refuse_incomplete_coverage() -> None:
         merge_weighted(preds, origins[:-1], (1, 20, 20), 12, 2)
     with pytest.raises(ValueError, match="origins"):
         merge_clip(preds, origins, (1, 20, 20), 2)
+
+
+# --------------------------------------------------------------------------- strips
+
+
+@pytest.mark.parametrize("mode", ["reflect", "edge", "constant"])
+@pytest.mark.parametrize(
+    ("image", "block", "clip", "chunk"),
+    [
+        ((70, 50), Window(0, 70, 0, 50), 4, 16),  # the whole image: padded on every side
+        ((70, 50), Window(16, 48, 16, 48), 4, 16),  # inside: the halo is real data
+        ((70, 50), Window(48, 70, 0, 32), 6, 16),  # bottom-left corner, short last strip
+        ((70, 50), Window(0, 70, 0, 50), 4, 3),  # strips shorter than the reflected rows
+        ((3, 40), Window(0, 3, 0, 40), 4, 1),  # an image shorter than clipSize: edge fallback
+    ],
+)
+def test_frame_filled_strip_by_strip_equals_pad_halo(
+    image: tuple[int, int], block: Window, clip: int, chunk: int, mode: str
+) -> None:
+    from rasterkube.predict.windows import pad_frame_bottom, pad_frame_cols, pad_frame_top, strip_rows
+
+    data = np.random.default_rng(3).normal(size=(2, *image)).astype(np.float32)
+    halo = halo_block(block, clip, image)
+    read = data[:, halo.read.y0 : halo.read.y1, halo.read.x0 : halo.read.x1]
+    want = pad_halo(read, halo, mode)  # type: ignore[arg-type]
+    strips = strip_rows(halo, chunk)
+    assert strips[0][0] == 0 and strips[-1][1] == halo.read.shape[0]
+    assert all(a < b for a, b in strips) and all(s[1] == t[0] for s, t in zip(strips, strips[1:]))
+    # Inner cuts fall on the block's chunk rows (whole chunks decoded once each).
+    assert all((halo.read.y0 + a - block.y0) % chunk == 0 for a, _ in strips[1:])
+    frame = np.full_like(want, np.nan)
+    top = halo.pad[0][0]
+    for a, b in strips:
+        frame[:, top + a : top + b] = pad_frame_cols(read[:, a:b], halo, mode)  # type: ignore[arg-type]
+    assert pad_frame_top(frame, halo, mode) <= halo.read.shape[0]  # type: ignore[arg-type]
+    pad_frame_bottom(frame, halo, mode)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(frame, want)
+
+
+def test_weighted_merge_in_pieces_equals_the_whole() -> None:
+    from rasterkube.predict.windows import accumulate_weighted, normalise_weighted
+
+    h, w, patch, clip = 45, 37, 16, 3
+    origins = patch_origins(h, w, patch, clip)
+    preds = np.random.default_rng(4).random((len(origins), 2, patch, patch), dtype=np.float32)
+    whole = merge_weighted(preds, origins, (2, h, w), patch, clip)
+    acc, weight = np.zeros((2, h + 2 * clip, w + 2 * clip)), np.zeros((h + 2 * clip, w + 2 * clip))
+    for pred, (y, x) in zip(preds, origins):
+        accumulate_weighted(acc, weight, pred, y, x, blend_window(patch, clip))
+    rows = [normalise_weighted(acc, weight, clip, (h, w), a, min(a + 16, h)) for a in range(0, h, 16)]
+    np.testing.assert_array_equal(np.concatenate(rows, axis=1).astype(np.float32), whole)

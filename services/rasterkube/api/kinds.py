@@ -232,8 +232,14 @@ class Serving(ApiModel):
     max_replicas: int | None = Field(
         None, ge=1, le=512, description="Autoscale between replicas and maxReplicas on queued requests."
     )
-    cpus_per_replica: float = Field(
-        1.0, gt=0, description="CPUs per replica; torch uses this many threads (Ray would otherwise set 1)."
+    cpus_per_replica: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "CPUs per replica; torch uses this many threads (Ray would otherwise set 1). Unset: sized when the run "
+            "starts, the Ray cluster's CPUs shared by the replicas (whole cores, at most one node's), or 1 for "
+            "a GPU replica."
+        ),
     )
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per replica; fractions share a GPU.")
     share_deployment: bool = Field(

@@ -128,12 +128,16 @@ def gpus_reserved(resource: Resource[Any], sizing: Sizing) -> float:
     return min(want, sizing.gpus) if sizing.gpus > 0 else want
 
 
-def max_parallel(resource: Resource[Any]) -> float | None:
-    """A Prediction's work is mostly its model replicas': they bound its parallelism."""
+def max_parallel(resource: Resource[Any], sizing: Sizing) -> float | None:
+    """A Prediction's work is mostly its model replicas': they bound its parallelism. An unset
+    cpusPerReplica is sized as a run sizes it (:func:`rasterkube.predict.serving.replica_cpus`)."""
     if not isinstance(resource, Prediction):
         return None
+    from rasterkube.predict.serving import replica_cpus
+
     s = resource.spec.serving
-    return s.replicas * s.cpus_per_replica
+    cpus = replica_cpus(s.cpus_per_replica, s.replicas, s.max_replicas, s.gpus_per_replica, sizing.cpus, sizing.cpus_per_worker)
+    return s.replicas * cpus
 
 
 def plan_manifests(
@@ -152,7 +156,7 @@ def plan_manifests(
         res = p.item.resource
         sizing = sizing_for(res, workers, cpus_per_worker, gpus)
         estimates.append(estimate(work, sizing, calibration, name=res.name, namespace=res.namespace,
-                                  gpus_reserved=gpus_reserved(res, sizing), max_parallel=max_parallel(res)))  # fmt: skip
+                                  gpus_reserved=gpus_reserved(res, sizing), max_parallel=max_parallel(res, sizing)))  # fmt: skip
     return estimates
 
 

@@ -4,12 +4,21 @@ Orchestration and I/O only. Each block task reads its block with a ``clipSize`` 
 cuts patches (:mod:`rasterkube.predict.windows`), sends them in batches of ``maxBatchSize`` to
 the model deployment (:mod:`rasterkube.predict.serving`), merges the predictions back and
 writes the block. Blocks are chunk-aligned, so tasks never share an output chunk.
+
+Hosting stays Ray Serve for every Prediction, shared or not. Running the model inside the
+block workers (Ray actors holding it, as Ray Data does) could only save what Serve costs
+between a block task and its replica, and that was measured small (bench/bench_pipeline.py,
+4096² px light-model case: request/reply transfer on both sides plus the replica's own
+overhead 0.035 core-s/Mpx against 1.46 for the model, replica busy 96 % of the block phase),
+while Serve gives sharing between runs, fractional GPUs and autoscaling for free.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import ray
@@ -29,7 +38,7 @@ from rasterkube.jobs.context import (
     raster_summary,
     source_version,
 )
-from rasterkube.predict import actors, inference, models, serving, windows
+from rasterkube.predict import actors, inference, models, serving, stages, windows
 from rasterkube.runtime import executor
 from rasterkube.runtime.blocks import plan_blocks
 from rasterkube.runtime.executor import run_blocks
@@ -51,6 +60,9 @@ DEPLOY_PERCENT: Final = 5
 MULTISCALE_PERCENT: Final = 88
 BLOCKS_PERCENT: Final = 95
 COMMIT_PERCENT: Final = 97
+#: Batches a block task keeps at the model before it waits for the oldest: enough to cover
+#: reading and cutting its next strip, few enough that its buffers stay a few batches.
+MAX_BATCHES_IN_FLIGHT: Final = 8
 
 
 @dataclass(frozen=True)
@@ -79,19 +91,23 @@ class BlockParams:
     out_channels: int
     app: str
     out_uri: str
+    chunk: int = 0  # rows of a strip (the store's chunk rows); 0: the whole block at once
+    run: str = ""  # names this run's stage timings (stages.record)
 
 
 def block_buffer_bytes(spec: PredictionSpec, block_side: int, n_inputs: int, in_channels: int, out_channels: int) -> int:
-    """Peak bytes a block task holds: input with halo, patches and predictions of every input."""
+    """Peak bytes a block task holds (:class:`_BlockPipeline`): the padded input frame of every
+    input, the batches in flight with their predictions, and the output (or the float64 sums
+    of weightedAverage). Patches are not held: they go to the model a batch at a time."""
     p, c = spec.patch_size, spec.clip_size
-    stride = p - 2 * c
     side = block_side + 2 * c
-    n_patches = (-(-block_side // stride)) ** 2
-    read = n_inputs * in_channels * side * side * BYTES_F32
-    patches = n_patches * in_channels * p * p * BYTES_F32
-    preds = n_inputs * n_patches * out_channels * p * p * BYTES_F32
-    merged = out_channels * side * side * 8  # float64 accumulator of weightedAverage
-    return read + patches + preds + merged
+    frame = n_inputs * in_channels * side * side * BYTES_F32
+    batches = (MAX_BATCHES_IN_FLIGHT + 1) * spec.max_batch_size * (in_channels + out_channels) * p * p * BYTES_F32
+    if spec.merge_mode == MergeMode.CLIP:
+        merged = n_inputs * out_channels * block_side * block_side * BYTES_F32
+    else:
+        merged = (n_inputs * out_channels + 1) * side * side * 8
+    return frame + batches + merged
 
 
 def check_memory(spec: PredictionSpec, chunk: int, plan: actors.ActorPlan, n_times: int, out_channels: int) -> None:
@@ -156,40 +172,188 @@ def check_compile(spec: PredictionSpec, sig: models.Signature) -> None:
     inference.check_toolchain(inference.CUDA if on_gpu else inference.CPU, "the job's machine")
 
 
-def _model_inputs(x: np.ndarray, time_stacked: bool) -> list[np.ndarray]:
-    """``(T, C, h, w)`` read → the ``(C', h, w)`` images the model sees, one per output step."""
-    if time_stacked:
-        return [windows.stack_time_major(x)]
-    return [x[t] for t in range(x.shape[0])]
+def _model_inputs(x: np.ndarray, time_stacked: bool) -> np.ndarray:
+    """``(T, C, h, w)`` read → ``(n, C', h, w)``: the images the model sees, one per output step."""
+    return windows.stack_time_major(x)[None] if time_stacked else x
+
+
+class _BlockPipeline:
+    """One block streamed through the model (issue 15): the block is read strip by strip (its
+    chunk rows); a patch row is cut straight into the batch buffer as soon as its rows are
+    in, each full batch goes to the replica at once (through the object store), results are
+    merged as they come back and every chunk row of output is written as soon as it is final.
+    So the replica gets its first batch after one strip, not the whole block, and reading,
+    cutting, merging and writing overlap with inference; no patch array, no list of
+    predictions, no concatenation is held. Outputs equal those of cutting the whole padded
+    block at once (same frame, same patch grid, same merge order)."""
+
+    def __init__(self, block: Window, p: BlockParams, times: stages.StageTimes) -> None:
+        self.block, self.p, self.times = block, p, times
+        self.halo = windows.halo_block(block, p.clip_size, p.image_shape)
+        self.origins = windows.patch_origins(*block.shape, p.patch_size, p.clip_size)
+        self.rows = sorted({y for y, _ in self.origins})
+        self.by_row: dict[int, list[int]] = {}
+        for index, (y, _) in enumerate(self.origins):
+            self.by_row.setdefault(y, []).append(index)
+        hp, wp = self.halo.padded_shape
+        # A block smaller than one patch is padded whole (enlarged to the patch size).
+        whole = min(hp, wp) < p.patch_size
+        self.strips = [(0, self.halo.read.shape[0])] if whole else windows.strip_rows(self.halo, p.chunk)
+        step = p.chunk or block.shape[0]
+        self.out_strips = [(a, min(a + step, block.shape[0])) for a in range(0, block.shape[0], step)]
+        self.weighted = p.merge_mode != MergeMode.CLIP
+        self.window = windows.blend_window(p.patch_size, p.clip_size) if self.weighted else None
+        self.predictor = serving.ServePredictor(p.app)
+        self.in_flight: deque[tuple[Any, list[tuple[int, int]]]] = deque()
+        self.cut_rows = 0  # patch rows (of self.rows) cut whole, every input
+        self.merged_rows = 0  # patch rows fully merged, every input
+        self.left = {y: 0 for y in self.rows}  # patches of a row not merged yet
+        self.written = 0  # output strips written
+        self.batch: np.ndarray | None = None
+        self.slots: list[tuple[int, int]] = []
+
+    def run(self) -> int:
+        p, halo = self.p, self.halo
+        top = halo.pad[0][0]
+        ready, top_need = 0, None
+        for number, (a, b) in enumerate(self.strips):
+            last = number == len(self.strips) - 1
+            with self.times.timed(stages.READ):
+                window = Window(halo.read.y0 + a, halo.read.y0 + b, halo.read.x0, halo.read.x1)
+                x = _model_inputs(geozarr.read_block(p.source, window, p.feature_indices).astype(np.float32, copy=False), p.time_stacked)
+            with self.times.timed(stages.CUT):
+                if number == 0:
+                    self._allocate(x)
+                # One finiteness pass gives the nodata mask, and a copy with NaN filled only
+                # where there is NaN (most strips have none).
+                finite = np.isfinite(x)
+                self._valid(finite, a, b)
+                filled = x if finite.all() else windows.fill_invalid(x)
+                for i in range(len(filled)):
+                    if len(self.strips) == 1:
+                        self.frame[i] = windows.pad_halo(filled[i], halo, PAD_MODE, patch_size=p.patch_size)
+                    else:
+                        self.frame[i][:, top + a : top + b] = windows.pad_frame_cols(filled[i], halo, PAD_MODE)
+                if len(self.strips) > 1 and top_need is None and b >= min(halo.read.shape[0], top + 1):
+                    top_need = min(halo.read.shape[0], top + 1)
+                    for f in self.frame:
+                        windows.pad_frame_top(f, halo, PAD_MODE)
+                if last and len(self.strips) > 1:
+                    for f in self.frame:
+                        windows.pad_frame_bottom(f, halo, PAD_MODE)
+                ready = self.frame.shape[2] if last else (top + b if top_need is not None else 0)
+            while self.cut_rows < len(self.rows) and self.rows[self.cut_rows] + p.patch_size <= ready:
+                self._cut_row(self.rows[self.cut_rows])
+                self.cut_rows += 1
+        if self.slots:
+            self._submit()  # the block's last, partial batch: Serve merges it with other blocks'
+        while self.in_flight:
+            self._harvest()
+        if self.written != len(self.out_strips):
+            raise RuntimeError(f"block {self.block}: {len(self.out_strips) - self.written} output rows never final")
+        return len(self.origins) * len(self.frame)
+
+    def _allocate(self, x: np.ndarray) -> None:
+        p = self.p
+        n, c = x.shape[:2]
+        hp, wp = self.halo.padded_shape
+        hp, wp = max(hp, p.patch_size), max(wp, p.patch_size)
+        self.frame = np.empty((n, c, hp, wp), dtype=np.float32)
+        self.valid = np.empty((n, *self.block.shape), dtype=bool)
+        if self.weighted:
+            self.acc = np.zeros((n, p.out_channels, hp, wp), dtype=np.float64)
+            self.weight = np.zeros((hp, wp), dtype=np.float64)
+        else:
+            self.out = np.empty((n, p.out_channels, *self.block.shape), dtype=np.float32)
+
+    def _valid(self, finite: np.ndarray, a: int, b: int) -> None:
+        """Valid pixels (every band finite, as windows.valid_pixels) of the block rows in read rows [a, b)."""
+        inner = self.halo.block_in_read
+        r0, r1 = max(a, inner.y0), min(b, inner.y1)
+        if r1 > r0:
+            rows = finite[:, :, r0 - a : r1 - a, inner.x0 : inner.x1]
+            self.valid[:, r0 - inner.y0 : r1 - inner.y0] = rows.all(axis=1)
+
+    def _cut_row(self, y: int) -> None:
+        p = self.p
+        with self.times.timed(stages.CUT):
+            for i in range(len(self.frame)):
+                for index in self.by_row[y]:
+                    if self.batch is None:
+                        self.batch = np.empty((p.max_batch_size, *self.frame.shape[1:2], p.patch_size, p.patch_size), dtype=np.float32)
+                    _, x0 = self.origins[index]
+                    self.batch[len(self.slots)] = self.frame[i, :, y : y + p.patch_size, x0 : x0 + p.patch_size]
+                    self.slots.append((i, index))
+                    self.left[y] += 1
+                    if len(self.slots) == p.max_batch_size:
+                        self._submit()
+
+    def _submit(self) -> None:
+        assert self.batch is not None
+        with self.times.timed(stages.SEND):
+            # Into the object store once; the replica maps it from there (no copy into the
+            # request), and the buffer is free for the next batch at once.
+            ref = ray.put(self.batch[: len(self.slots)])
+            self.in_flight.append((self.predictor.submit(ref), self.slots))
+        self.slots = []
+        while len(self.in_flight) > MAX_BATCHES_IN_FLIGHT:
+            self._harvest()
+
+    def _harvest(self) -> None:
+        response, slots = self.in_flight.popleft()
+        with self.times.timed(stages.RECEIVE):
+            preds = self.predictor.result(response)
+        p = self.p
+        with self.times.timed(stages.MERGE):
+            stride = p.patch_size - 2 * p.clip_size
+            for (i, index), pred in zip(slots, preds, strict=True):
+                y, x0 = self.origins[index]
+                if self.weighted:
+                    windows.accumulate_weighted(self.acc[i], self.weight if i == 0 else None, pred, y, x0, self.window)
+                else:
+                    windows.place_clip(self.out[i], pred, y, x0, p.clip_size, stride)
+                self.left[y] -= 1
+            # A row is final once it is cut whole and all of it came back.
+            while self.merged_rows < self.cut_rows and self.left[self.rows[self.merged_rows]] == 0:
+                self.merged_rows += 1
+        self._write_final()
+
+    def _write_final(self) -> None:
+        """Write every output chunk row no patch still to merge can touch."""
+        p = self.p
+        lead = p.clip_size if self.weighted else 0  # a weighted patch reaches clipSize above its centre
+        while self.written < len(self.out_strips):
+            a, b = self.out_strips[self.written]
+            if self.merged_rows < len(self.rows) and self.rows[self.merged_rows] - lead < b:
+                return
+            with self.times.timed(stages.MERGE):
+                outs = []
+                for i in range(len(self.frame)):
+                    if self.weighted:
+                        rows = windows.normalise_weighted(self.acc[i], self.weight, p.clip_size, self.block.shape, a, b)
+                    else:
+                        rows = self.out[i][:, a:b]
+                    outs.append(windows.with_nodata(rows, self.valid[i, a:b]).astype(np.float32, copy=False))
+            with self.times.timed(stages.WRITE):
+                window = Window(self.block.y0 + a, self.block.y0 + b, self.block.x0, self.block.x1)
+                geozarr.write_region(p.out_uri, DATA_VAR, window, np.stack(outs))
+            self.written += 1
 
 
 def predict_block(block: Window, p: BlockParams) -> int:
     """Predict one output block (a Ray task). Returns the number of patches predicted."""
-    halo = windows.halo_block(block, p.clip_size, p.image_shape)
-    x = geozarr.read_block(p.source, halo.read, p.feature_indices).astype(np.float32, copy=False)
-    origins = windows.patch_origins(*block.shape, p.patch_size, p.clip_size)
-    inner = halo.block_in_read.slices
-    predictor = serving.ServePredictor(p.app)
-    pending = []
-    for image in _model_inputs(x, p.time_stacked):
-        valid = windows.valid_pixels(image[(slice(None), *inner)])
-        padded = windows.pad_halo(windows.fill_invalid(image), halo, PAD_MODE, patch_size=p.patch_size)
-        patches = windows.cut_patches(padded, origins, p.patch_size)
-        # Every batch of every input in flight before the first result is awaited: the
-        # replica's queue stays full while this task waits.
-        responses = [predictor.submit(patches[i : i + p.max_batch_size]) for i in range(0, len(patches), p.max_batch_size)]
-        pending.append((valid, responses))
-    out_shape = (p.out_channels, *block.shape)
-    outs = []
-    for valid, responses in pending:
-        preds = np.concatenate([predictor.result(r) for r in responses])
-        if p.merge_mode == MergeMode.CLIP:
-            merged = windows.merge_clip(preds, origins, out_shape, p.clip_size)
-        else:
-            merged = windows.merge_weighted(preds, origins, out_shape, p.patch_size, p.clip_size)
-        outs.append(windows.with_nodata(merged, valid).astype(np.float32, copy=False))
-    geozarr.write_region(p.out_uri, DATA_VAR, block, np.stack(outs))
-    return len(origins) * len(outs)
+    times = stages.StageTimes()
+    cpu = time.process_time()
+    pipeline = _BlockPipeline(block, p, times)
+    patches = pipeline.run()
+    # The rest of this task's CPU ran in Serve's router threads: encoding requests, decoding replies.
+    times.add(stages.UNTIMED, time.process_time() - cpu - sum(times.cpu.values()), 0.0)
+    times.add(stages.MODEL, pipeline.predictor.model_cpu_s, pipeline.predictor.model_wall_s)
+    times.count("patches", patches)
+    times.count("pixels", block.shape[0] * block.shape[1])
+    times.count("blocks", 1)
+    stages.record(times, p.run)
+    return patches
 
 
 def idle_timeout(requested_s: float, embedded_ray: bool) -> float:
@@ -201,8 +365,16 @@ def idle_timeout(requested_s: float, embedded_ray: bool) -> float:
     return min(float(requested_s), EMBEDDED_IDLE_S) if embedded_ray else float(requested_s)
 
 
-def serve_config(spec: PredictionSpec, prepared: Prepared) -> serving.ServeConfig:
+def cluster_cpus() -> tuple[float, float]:
+    """(CPUs of the Ray cluster, CPUs of its largest alive node) now."""
+    nodes = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return float(ray.cluster_resources().get("CPU", 0.0)), float(max(nodes, default=0.0))
+
+
+def serve_config(spec: PredictionSpec, prepared: Prepared, cpus: tuple[float, float]) -> serving.ServeConfig:
+    """The deployment's settings; ``cpus`` (:func:`cluster_cpus`) sizes an unset cpusPerReplica."""
     fetched = prepared.fetched
+    sv = spec.serving
     # A local file is handed to replicas by absolute path; remote ones by URI (fetched there).
     uri = spec.model.uri if models.is_remote(models.resolve_uri(spec.model.uri)) else str(fetched.path)
     return serving.ServeConfig(
@@ -213,7 +385,7 @@ def serve_config(spec: PredictionSpec, prepared: Prepared) -> serving.ServeConfi
         max_batch_size=spec.max_batch_size,
         replicas=spec.serving.replicas,
         max_replicas=spec.serving.max_replicas,
-        cpus_per_replica=spec.serving.cpus_per_replica,
+        cpus_per_replica=serving.replica_cpus(sv.cpus_per_replica, sv.replicas, sv.max_replicas, sv.gpus_per_replica, *cpus),
         gpus_per_replica=spec.serving.gpus_per_replica,
         idle_timeout_s=idle_timeout(spec.serving.idle_timeout_seconds, executor.embedded()),
         probe_channels=prepared.plan.in_channels if prepared.signature.format == models.FORMAT_TORCHSCRIPT else None,
@@ -235,7 +407,7 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
     info, plan, sig = prepared.info, prepared.plan, prepared.signature
     out_times, extra_coords = actors.output_times(plan, info.times)
     stage = open_stage(resource, request.output_uri, source=source_version(request), model=prepared.fetched.sha256)
-    config = serve_config(spec, prepared)
+    config = serve_config(spec, prepared, cluster_cpus())
     app = config.app_name(spec.serving.share_deployment, request.run_id)
     try:
         out = geozarr.create(
@@ -275,6 +447,8 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
             out_channels=sig.out_channels,
             app=app,
             out_uri=stage.uri,
+            chunk=info.chunks[2],
+            run=request.run_id,
         )
         blocks = plan_blocks(info.grid.shape, out.chunks[2:], spec.xy_block_multiplier)
         item = provenance.validated(provenance.raster_item(
@@ -285,6 +459,7 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
             provenance.RasterOutput(info.grid, out.times, out.bands, str(out.dtype), title="model predictions",
                                     end=info.times.max() if plan.time_stacked else None),  # fmt: skip
         ))
+        block_phase = time.perf_counter()
         patches = run_blocks(
             predict_block,
             blocks,
@@ -298,6 +473,7 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
             ledger=stage.ledger,
             finished=stage.finished,
         )
+        block_phase = time.perf_counter() - block_phase
         levels = commit_store(
             stage,
             request.output_uri,
@@ -316,6 +492,10 @@ def run(resource: Prediction, ctx: JobContext, reporter: Reporter, prepared: Pre
         if not spec.serving.share_deployment:
             serving.delete(app)  # a per-run deployment ends with its run
     summary = raster_summary(out, len(blocks), stage.reused(blocks), patches=int(sum(patches)), deployment=app, deploymentReused=reused)
+    timings = stages.collect(request.run_id)
+    if timings is not None:
+        timings.count(stages.BLOCK_PHASE_S, block_phase)
+        summary["stages"] = timings.to_dict()
     if levels is not None:
         summary["multiscales"] = [list(g.shape) for g in levels]
     return JobResult(uri=request.output_uri, summary=summary)

@@ -47,6 +47,15 @@ DEPLOY_TIMEOUT_S: Final = 900.0
 POLL_S: Final = 2.0
 #: What a replica is called in messages.
 MODEL_REPLICA: Final = "model replica"
+#: CPUs of a GPU replica when serving.cpusPerReplica is unset (it feeds its GPU).
+GPU_REPLICA_CPUS: Final = 1.0
+#: The least CPU a sized replica asks for.
+MIN_REPLICA_CPUS: Final = 0.01
+#: The replica method block tasks call: predictions with the model time they took.
+TIMED_METHOD: Final = "timed"
+
+#: (wall, CPU) seconds of the model call(s) behind one request.
+ModelTime = tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,31 @@ def pick_device(requested: str, cuda_available: bool) -> str:
     if requested == DeviceKind.AUTO:
         return "cuda" if cuda_available else "cpu"
     return str(requested)
+
+
+def replica_cpus(
+    requested: float | None,
+    replicas: int,
+    max_replicas: int | None,
+    gpus_per_replica: float,
+    cluster_cpus: float,
+    node_cpus: float,
+) -> float:
+    """``serving.cpusPerReplica``, or when unset what the Ray cluster can give each replica.
+
+    Block tasks reserve no CPU (they wait for the model most of the time), so on CPU a
+    replica gets its share of the cluster's CPUs — all of them for one replica — whole cores
+    (torch threads), at most the largest node's (a replica runs on one node). A GPU replica
+    gets one CPU to feed its GPU: the rest of the CPUs belong to the block tasks that read,
+    cut, merge and write for it.
+    """
+    if requested is not None:
+        return float(requested)
+    if gpus_per_replica > 0:
+        return GPU_REPLICA_CPUS
+    share = min(cluster_cpus / max(replicas, max_replicas or replicas), node_cpus)
+    # Less than a core each (more replicas than CPUs): the fraction, so that they all fit.
+    return float(math.floor(share)) if share >= 1 else max(math.floor(share * 100) / 100, MIN_REPLICA_CPUS)
 
 
 def torch_threads(cpus: float) -> int:
@@ -169,12 +203,29 @@ def _deployment_class() -> Any:
             self.predict_batch.set_max_batch_size(config.max_batch_size)
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=BATCH_WAIT_S, batch_size_fn=patch_count)
-        async def predict_batch(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        async def predict_batch(self, batches: list[np.ndarray]) -> list[tuple[np.ndarray, ModelTime]]:
             sizes = [len(b) for b in batches]
+            cpu, wall = time.process_time(), time.perf_counter()
             out = self.runner.predict(batches[0] if len(batches) == 1 else np.concatenate(batches))
-            return list(np.split(out, np.cumsum(sizes)[:-1]))
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            # A model call merged from several requests: each is charged its share of patches.
+            total = sum(sizes)
+            parts = np.split(out, np.cumsum(sizes)[:-1])
+            return [(part, (wall * n / total, cpu * n / total)) for part, n in zip(parts, sizes, strict=True)]
 
         async def __call__(self, batch: np.ndarray) -> np.ndarray:
+            out, _ = await self.predict_batch(batch)
+            return out
+
+        async def timed(self, batch: Any) -> tuple[np.ndarray, ModelTime]:
+            """Predictions and this request's share of the model call's (wall, CPU) seconds.
+
+            ``batch`` may be an object ref (block tasks put batches in the object store): it
+            is mapped from there, read-only, without a copy."""
+            import ray
+
+            if isinstance(batch, ray.ObjectRef):
+                batch = await batch
             return await self.predict_batch(batch)
 
         def device(self) -> str:
@@ -343,19 +394,26 @@ def delete(app: str) -> None:
 
 
 class ServePredictor:
-    """A :class:`Predictor` over a deployment handle; usable inside Ray tasks."""
+    """A :class:`Predictor` over a deployment handle; usable inside Ray tasks.
+
+    Requests go to the replica's ``timed`` method: ``model_wall_s`` / ``model_cpu_s`` add up
+    the model time of every result received (the replica's side of the stage timings)."""
 
     def __init__(self, app: str) -> None:
         from ray import serve
 
-        self.handle = serve.get_deployment_handle(DEPLOYMENT, app_name=app)
+        self.handle = serve.get_deployment_handle(DEPLOYMENT, app_name=app).options(method_name=TIMED_METHOD)
+        self.model_wall_s = 0.0
+        self.model_cpu_s = 0.0
 
-    def submit(self, batch: np.ndarray) -> Any:
+    def submit(self, batch: Any) -> Any:
         return self.handle.remote(batch)
 
-    @staticmethod
-    def result(response: Any) -> np.ndarray:
-        return response.result(timeout_s=HANDLE_TIMEOUT_S)
+    def result(self, response: Any) -> np.ndarray:
+        out, (wall, cpu) = response.result(timeout_s=HANDLE_TIMEOUT_S)
+        self.model_wall_s += wall
+        self.model_cpu_s += cpu
+        return out
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         return self.result(self.submit(batch))

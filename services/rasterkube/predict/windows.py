@@ -48,8 +48,15 @@ __all__ = [
     "cut_patches",
     "fill_invalid",
     "halo_block",
+    "accumulate_weighted",
     "merge_clip",
     "merge_weighted",
+    "normalise_weighted",
+    "pad_frame_bottom",
+    "pad_frame_cols",
+    "pad_frame_top",
+    "place_clip",
+    "strip_rows",
     "pad_for_patches",
     "pad_halo",
     "patch_origins",
@@ -258,6 +265,52 @@ def pad_halo(
     return _pad(read_data, halo.pad, modes, patch_size)
 
 
+def strip_rows(halo: HaloBlock, chunk: int) -> list[tuple[int, int]]:
+    """Row ranges of ``halo.read`` (relative to it) split at the block's chunk rows.
+
+    Reading a block strip by strip decodes every chunk once, as reading it whole does, and
+    lets the first patches go to the model while the rest is read."""
+    b = halo.block
+    cuts = list(range(b.y0 + chunk, b.y1, chunk)) if chunk > 0 else []
+    edges = [halo.read.y0, *cuts, halo.read.y1]
+    return [(a - halo.read.y0, z - halo.read.y0) for a, z in zip(edges, edges[1:], strict=False)]
+
+
+def _modes(halo: HaloBlock, mode: PadMode) -> tuple[str, str]:
+    _check_mode(mode)
+    height, width = halo.image_shape
+    return _axis_mode(mode, height, halo.clip_size), _axis_mode(mode, width, halo.clip_size)
+
+
+def pad_frame_cols(read_rows: npt.NDArray[np.generic], halo: HaloBlock, mode: PadMode = "reflect") -> npt.NDArray[np.generic]:
+    """Rows of the read data padded left and right into the block's padded frame.
+
+    Padding is separable: padding rows first and columns then (:func:`pad_halo`) or the other
+    way round (these functions) give the same frame, corners included."""
+    return _pad(read_rows, ((0, 0), halo.pad[1]), _modes(halo, mode), None)
+
+
+def pad_frame_top(frame: npt.NDArray[np.generic], halo: HaloBlock, mode: PadMode = "reflect") -> int:
+    """Fill the top padding rows of ``frame`` (``(C, Hp, Wp)``) from its first read rows, in
+    place; returns how many read rows that needs (they must be in the frame already)."""
+    top = halo.pad[0][0]
+    need = min(halo.read.shape[0], top + 1)  # reflect mirrors ``top`` rows after the first
+    if top:
+        src = frame[:, top : top + need]
+        frame[:, :top] = _pad(src, ((top, 0), (0, 0)), _modes(halo, mode), None)[:, :top]
+    return need
+
+
+def pad_frame_bottom(frame: npt.NDArray[np.generic], halo: HaloBlock, mode: PadMode = "reflect") -> None:
+    """Fill the bottom padding rows of ``frame`` from its last read rows, in place."""
+    top, bottom = halo.pad[0]
+    h = halo.read.shape[0]
+    if bottom:
+        need = min(h, bottom + 1)
+        src = frame[:, top + h - need : top + h]
+        frame[:, top + h : top + h + bottom] = _pad(src, ((0, bottom), (0, 0)), _modes(halo, mode), None)[:, need:]
+
+
 # --------------------------------------------------------------------------- patches
 
 
@@ -314,13 +367,7 @@ def merge_clip(
     out = np.empty(out_shape, dtype=preds.dtype)
     covered = np.zeros((height, width), dtype=bool)
     for i, (y, x) in enumerate(zip(ys, xs)):
-        # The centre starts at image pixel (y, x); clip it to the image (tiny images).
-        h, w = min(stride, height - y), min(stride, width - x)
-        if h <= 0 or w <= 0 or y < 0 or x < 0:
-            raise ValueError(f"patch origin ({y}, {x}) keeps no pixel of a {height}x{width} image")
-        out[:, y : y + h, x : x + w] = preds[
-            i, :, clip_size : clip_size + h, clip_size : clip_size + w
-        ]
+        h, w = place_clip(out, preds[i], int(y), int(x), clip_size, stride)
         covered[y : y + h, x : x + w] = True
     if not covered.all():
         # An explicit check, not `assert`: it must hold under `python -O` too.
@@ -329,6 +376,19 @@ def merge_clip(
             "use patch_origins() for the origins"
         )
     return out
+
+
+def place_clip(
+    out: npt.NDArray[np.generic], pred: npt.NDArray[np.generic], y: int, x: int, clip_size: int, stride: int
+) -> tuple[int, int]:
+    """Write the centre of one ``(K, P, P)`` patch prediction at image pixel ``(y, x)`` of
+    ``out`` (``(K, H, W)``), clipped to the image (tiny images); returns the centre's shape."""
+    _, height, width = out.shape
+    h, w = min(stride, height - y), min(stride, width - x)
+    if h <= 0 or w <= 0 or y < 0 or x < 0:
+        raise ValueError(f"patch origin ({y}, {x}) keeps no pixel of a {height}x{width} image")
+    out[:, y : y + h, x : x + w] = pred[:, clip_size : clip_size + h, clip_size : clip_size + w]
+    return h, w
 
 
 def _ramp(length: int, ramp_len: int) -> npt.NDArray[np.float64]:
@@ -366,7 +426,8 @@ def merge_weighted(
 
     The sum of weighted predictions is divided by the sum of weights, so a constant prediction
     stays constant everywhere (no darkening at image borders or seams between patches); the
-    ``clip_size`` padding margin is then discarded. Accumulates in float64.
+    ``clip_size`` padding margin is then discarded. Accumulates in float64 (see
+    :func:`accumulate_weighted`).
     """
     k, height, width = out_shape
     ys, xs = _origin_arrays(origins)
@@ -381,17 +442,48 @@ def merge_weighted(
     acc = np.zeros((k, hp, wp), dtype=np.float64)
     weight = np.zeros((hp, wp), dtype=np.float64)
     for i, (y, x) in enumerate(zip(ys, xs)):
-        acc[:, y : y + patch_size, x : x + patch_size] += window * preds[i]
-        weight[y : y + patch_size, x : x + patch_size] += window
-    inner = (slice(clip_size, clip_size + height), slice(clip_size, clip_size + width))
+        accumulate_weighted(acc, weight, preds[i], int(y), int(x), window)
+    out_dtype = np.result_type(preds.dtype, np.float32)
+    return normalise_weighted(acc, weight, clip_size, (height, width), 0, height).astype(out_dtype, copy=False)
+
+
+def accumulate_weighted(
+    acc: npt.NDArray[np.float64],
+    weight: npt.NDArray[np.float64] | None,
+    pred: npt.NDArray[np.generic],
+    y: int,
+    x: int,
+    window: npt.NDArray[np.float64],
+) -> None:
+    """Add one ``(K, P, P)`` prediction, weighted by ``window``, at padded-frame ``(y, x)``.
+
+    The sums stay float64: in float32 a constant prediction came back one unit in the last
+    place off at seams (sum of weighted values / sum of weights), and constants must stay
+    exact (tested). Its cost is the merge stage's, a small share of a Prediction's."""
+    p = window.shape[0]
+    acc[:, y : y + p, x : x + p] += window * pred
+    if weight is not None:  # None: the weights of this patch grid are summed elsewhere already
+        weight[y : y + p, x : x + p] += window
+
+
+def normalise_weighted(
+    acc: npt.NDArray[np.float64],
+    weight: npt.NDArray[np.float64],
+    clip_size: int,
+    shape: tuple[int, int],
+    row0: int,
+    row1: int,
+) -> npt.NDArray[np.float64]:
+    """Rows ``[row0, row1)`` of the ``shape`` image: weighted sums over weights, the padding
+    margin dropped; raises if a pixel got no patch."""
+    inner = (slice(clip_size + row0, clip_size + row1), slice(clip_size, clip_size + shape[1]))
     w_inner = weight[inner]
     if not (w_inner > 0).all():
         raise ValueError(
             f"patches leave {int((w_inner <= 0).sum())} output pixels uncovered; "
             "use patch_origins() for the origins"
         )
-    out_dtype = np.result_type(preds.dtype, np.float32)
-    return (acc[(slice(None), *inner)] / w_inner).astype(out_dtype, copy=False)
+    return acc[(slice(None), *inner)] / w_inner
 
 
 # --------------------------------------------------------------------------- time stacking
