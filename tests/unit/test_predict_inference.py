@@ -107,9 +107,9 @@ def test_serve_config_carries_precision_and_compile() -> None:
         signature=models.Signature(2, 1, None, models.FORMAT_PT2, False),
         plan=actors.plan("semanticSegmentation", 2, 1, 2),
     )
-    plain = service.serve_config(spec(), prepared)
+    plain = service.serve_config(spec(), prepared, (2.0, 2.0))
     assert (plain.precision, plain.compile, plain.warmup_input) == ("fp32", False, None)
-    fast = service.serve_config(spec(precision="bf16", compile=True), prepared)
+    fast = service.serve_config(spec(precision="bf16", compile=True), prepared, (2.0, 2.0))
     assert (fast.precision, fast.compile, fast.warmup_input) == ("bf16", True, (2, 64, 64))
 
 
