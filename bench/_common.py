@@ -64,6 +64,10 @@ class PeakRss:
         self._labels: dict[int, str] = {}
         self._stop = threading.Event()
         self.peak = 0
+        # PSS (proportional set size) splits a shared page among the processes that map it:
+        # Ray's object store is one shared mapping that every worker touches, so summed RSS
+        # counts its pages once per worker; summed PSS is what the tree really occupies.
+        self.peak_pss = 0
         self.at_peak: dict[str, int] = {}
         self.count_at_peak: dict[str, int] = {}
         self.largest: dict[str, int] = {}
@@ -76,17 +80,21 @@ class PeakRss:
             return tree_rss(self._proc)
         by_label: dict[str, int] = {}
         count: dict[str, int] = {}
+        pss = 0
         for p in [self._proc, *self._proc.children(recursive=True)]:
             try:
-                rss = p.memory_info().rss
+                full = p.memory_full_info()  # smaps_rollup: RSS and PSS in one read
             except psutil.Error:
                 continue
+            rss = full.rss
+            pss += full.pss
             # A Ray worker renames itself per task (ray::IDLE, ray::score_block): its first
             # label is enough, workers are all "worker".
             label = self._labels.get(p.pid) or self._labels.setdefault(p.pid, process_label(p, self._proc.pid))
             by_label[label] = by_label.get(label, 0) + rss
             count[label] = count.get(label, 0) + 1
             self.largest[label] = max(self.largest.get(label, 0), rss)
+        self.peak_pss = max(self.peak_pss, pss)
         total = sum(by_label.values())
         if total > self.peak:
             self.at_peak, self.count_at_peak = by_label, count
@@ -112,6 +120,11 @@ class PeakRss:
     @property
     def peak_mib(self) -> float:
         return round(self.peak / 2**20, 1)
+
+    @property
+    def peak_pss_mib(self) -> float:
+        """Peak summed PSS (with ``breakdown`` only; 0 otherwise)."""
+        return round(self.peak_pss / 2**20, 1)
 
     def breakdown_mib(self) -> dict[str, dict[str, float]]:
         """``at_peak`` and ``largest`` in MiB, largest first, and how many processes of each
@@ -152,6 +165,8 @@ class JobRun:
     seconds: float
     result: dict[str, Any]
     breakdown: dict[str, dict[str, float]] | None = None
+    #: Peak summed PSS of the tree (with ``breakdown``): shared pages counted once.
+    peak_pss_mib: float | None = None
 
 
 def run_job_measured(kind: str, request: dict[str, Any], breakdown: bool = False,
@@ -186,7 +201,8 @@ def run_job_measured(kind: str, request: dict[str, Any], breakdown: bool = False
         raise SystemExit(f"{kind} job failed ({proc.returncode}): {text[-2000:]}")
     lines = [line for line in text.splitlines() if line.startswith(RESULT_PREFIX)]
     result = json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else {}
-    return JobRun(rss.peak_mib, seconds, result, rss.breakdown_mib() if breakdown else None)
+    return JobRun(rss.peak_mib, seconds, result, rss.breakdown_mib() if breakdown else None,
+                  rss.peak_pss_mib if breakdown else None)
 
 
 def run_job_process(kind: str, request: dict[str, Any]) -> tuple[float, float]:
