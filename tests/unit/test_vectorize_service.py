@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -48,3 +49,68 @@ def test_binary_column_equals_pa_array(values: list[bytes | None]) -> None:
     array = np.array(values, dtype=object)
     column = service.binary_column(array)
     assert column.equals(pa.array(array, pa.binary()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_take_rows_gathers_across_chunks_in_index_order(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    values = [bytes(rng.integers(0, 256, rng.integers(0, 40), dtype=np.uint8)) for _ in range(50)]
+    cuts = [0, 7, 7, 31, 50]  # one empty chunk
+    chunked = pa.chunked_array([P.binary_array(np.array(values[a:b] + [b""], dtype=object)[:-1])
+                                for a, b in zip(cuts[:-1], cuts[1:], strict=True)], pa.large_binary())  # fmt: skip
+    idx = rng.integers(0, len(values), 80)  # repeats, any order
+    got = P.take_rows(chunked, idx)
+    assert got.to_pylist() == [values[i] for i in idx]
+    assert P.take_rows(chunked, np.zeros(0, np.intp)).to_pylist() == []
+
+
+def features(centerlines: bool = False) -> service.FeatureSet:
+    parts = []
+    for seed, label in ((1, "a"), (2, "b")):
+        values = blobs(64, 64, seed=seed)
+        comps = P.polygonize(values, 0.3, 4, TRANSFORM, block_shape=(16, 16), centerlines=centerlines)
+        parts.append((label, np.datetime64("2020-01-01"), P.Rows.of(P.finish(comps, P.Finish(UTM, UTM)))))
+    return service.feature_set(parts, UTM, stats=True, centerlines=centerlines)
+
+
+def test_feature_set_keeps_one_copy_of_the_wkb() -> None:
+    """Concatenating the blocks' rows shares their buffers: the driver holds the output once."""
+    fs = features()
+    a = P.Rows.of(P.finish(P.polygonize(blobs(32, 32, seed=4), 0.3, 4, TRANSFORM), P.Finish(UTM, UTM)))
+    both = P.Rows.concat([a, a])
+    data = [c.buffers()[2].address for c in both.wkb_array.chunks]
+    assert data == [a.wkb_array.chunk(0).buffers()[2].address] * 2
+    assert fs.num_rows > 20
+
+
+@pytest.mark.parametrize("centerlines", [False, True])
+def test_row_groups_written_one_by_one_equal_the_whole_sorted_table(tmp_path: Path, centerlines: bool,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import pyarrow.parquet as pq
+
+    fs = features(centerlines)
+    whole = fs.table()
+    # The whole table is the rows in Hilbert order of their boxes.
+    order = service.hilbert_order(fs.rows.bbox)
+    assert whole.column("geometry").to_pylist() == fs.rows.wkb[order].tolist()
+    groups = list(fs.row_groups(size=7))
+    assert [g.num_rows for g in groups[:-1]] == [7] * (len(groups) - 1) and 0 < groups[-1].num_rows <= 7
+    assert pa.concat_tables(groups).equals(whole, check_metadata=True)
+    monkeypatch.setattr(service, "ROW_GROUP_ROWS", 7)
+    path = str(tmp_path / "f.parquet")
+    service._to_parquet(fs, path)
+    assert pq.ParquetFile(path).num_row_groups == len(groups)
+    back = pq.read_table(path)  # Parquet stores the seconds as milliseconds
+    assert back.cast(whole.schema).equals(whole) and back.schema.metadata[b"geo"] == whole.schema.metadata[b"geo"]
+
+
+def test_an_empty_feature_set_writes_the_schema_and_one_empty_row_group(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    fs = service.feature_set([("a", np.datetime64("2020-01-01"), P.Rows.concat([]))], UTM, stats=False)
+    path = str(tmp_path / "e.parquet")
+    service._to_parquet(fs, path)
+    assert pq.ParquetFile(path).num_row_groups == 1
+    back, want = pq.read_table(path), fs.table()
+    assert back.cast(want.schema).equals(want) and want.num_rows == 0
+    assert back.schema.metadata[b"geo"] == want.schema.metadata[b"geo"]
