@@ -68,6 +68,9 @@ MERGE_TASK_VERTICES: Final = 8_000
 # gathers one row group's sorted columns at a time (~70 MiB of WKB at ~1.1 KiB a polygon), so
 # writing does not hold a second copy of the output. Outputs of fewer rows keep one row group.
 ROW_GROUP_ROWS: Final = 65_536
+# Rows gathered at a time into a row group's WKB column: a multiple of the Parquet writer's
+# write batch (1024 values), so the pages come out as from one array.
+GATHER_ROWS: Final = 4096
 STAT_COLUMNS: Final = ("score_min", "score_max", "score_std", "pixel_count", "area_m2")
 
 
@@ -407,10 +410,9 @@ class FeatureSet:
                            score_std=pa.array(m.std[order], pa.float64()),
                            pixel_count=pa.array(m.count[order], pa.int64()),
                            area_m2=pa.array(r.area_m2[order], pa.float64()))  # fmt: skip
-        # binary (32-bit offsets) as the file always had; large_binary only held it in memory.
-        columns["geometry"] = _narrow(P.take_rows(r.wkb_array, order))
+        columns["geometry"] = _gather(r.wkb_array, order)
         if self.centerlines:
-            columns["centerline"] = _narrow(P.take_rows(r.centerline_array, order))
+            columns["centerline"] = _gather(r.centerline_array, order)
         bbox = r.bbox[order]
         columns["bbox"] = pa.StructArray.from_arrays([pa.array(bbox[:, i], pa.float64()) for i in range(4)],
                                                      names=["xmin", "ymin", "xmax", "ymax"])  # fmt: skip
@@ -428,6 +430,17 @@ class FeatureSet:
         ``pyarrow.parquet.write_table`` writes it)."""
         for start in range(0, max(self.num_rows, 1), size):
             yield self.table(slice(start, start + size))
+
+
+def _gather(values: Any, order: np.ndarray) -> Any:
+    """``values[order]`` as a binary column in chunks of ``GATHER_ROWS``: gathering across the
+    blocks' chunks copies a batch up to three times (:func:`~rasterkube.vectorize.polygons.take_rows`),
+    so only one copy of a whole row group is ever held. The Parquet writer writes a chunked
+    column into the same row group and pages as one array (its write batches are 1024 rows)."""
+    import pyarrow as pa
+
+    batches = [_narrow(P.take_rows(values, order[i : i + GATHER_ROWS])) for i in range(0, len(order), GATHER_ROWS)]
+    return pa.chunked_array(batches, batches[0].type if batches else pa.binary())
 
 
 def _narrow(values: Any) -> Any:
