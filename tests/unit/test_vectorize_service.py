@@ -114,3 +114,29 @@ def test_an_empty_feature_set_writes_the_schema_and_one_empty_row_group(tmp_path
     back, want = pq.read_table(path), fs.table()
     assert back.cast(want.schema).equals(want) and want.num_rows == 0
     assert back.schema.metadata[b"geo"] == want.schema.metadata[b"geo"]
+
+
+def test_a_row_group_gathered_in_batches_is_written_as_one_array(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row group's column gathered in batches gives the file of one array, byte for byte."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(5)
+    n = 5000
+    blocks = []
+    for start in range(0, n, 900):  # rows arrive in blocks of 900
+        k = min(900, n - start)
+        wkb = np.array([rng.bytes(int(s)) for s in rng.integers(20, 400, k)] + [b""], dtype=object)[:-1]
+        moments = P.Moments(rng.integers(1, 50, k), *(rng.random(k) for _ in range(4)))
+        blocks.append(P.Rows(P.pa.chunked_array([P.binary_array(wkb)]), np.sort(rng.random((k, 4)), axis=1),
+                             np.full(k, 3, np.int8), moments, rng.random(k),
+                             P.pa.chunked_array([P.binary_array(np.full(k, None, dtype=object))]),
+                             np.full(k, -1, np.int8)))  # fmt: skip
+    fs = service.feature_set([("a", np.datetime64("2020-01-01"), P.Rows.concat(blocks))], UTM, stats=True)
+    monkeypatch.setattr(service, "GATHER_ROWS", 1024)
+    batched = fs.table()
+    assert batched.column("geometry").num_chunks == 5
+    one = str(tmp_path / "one.parquet")
+    pq.write_table(batched.combine_chunks(), one, compression="zstd")
+    written = str(tmp_path / "batched.parquet")
+    service._to_parquet(fs, written)
+    assert Path(written).read_bytes() == Path(one).read_bytes()

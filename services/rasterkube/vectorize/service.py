@@ -68,8 +68,7 @@ MERGE_TASK_VERTICES: Final = 8_000
 # gathers one row group's sorted columns at a time (~70 MiB of WKB at ~1.1 KiB a polygon), so
 # writing does not hold a second copy of the output. Outputs of fewer rows keep one row group.
 ROW_GROUP_ROWS: Final = 65_536
-# Rows gathered at a time into a row group's WKB column: a multiple of the Parquet writer's
-# write batch (1024 values), so the pages come out as from one array.
+# Rows gathered at a time into a row group's WKB column (a few MiB of transient copies).
 GATHER_ROWS: Final = 4096
 STAT_COLUMNS: Final = ("score_min", "score_max", "score_std", "pixel_count", "area_m2")
 
@@ -436,7 +435,7 @@ def _gather(values: Any, order: np.ndarray) -> Any:
     """``values[order]`` as a binary column in chunks of ``GATHER_ROWS``: gathering across the
     blocks' chunks copies a batch up to three times (:func:`~rasterkube.vectorize.polygons.take_rows`),
     so only one copy of a whole row group is ever held. The Parquet writer writes a chunked
-    column into the same row group and pages as one array (its write batches are 1024 rows)."""
+    column into the same row group and pages as one array (tested byte for byte)."""
     import pyarrow as pa
 
     batches = [_narrow(P.take_rows(values, order[i : i + GATHER_ROWS])) for i in range(0, len(order), GATHER_ROWS)]
