@@ -84,8 +84,9 @@ def test_feature_set_keeps_one_copy_of_the_wkb() -> None:
 
 
 @pytest.mark.parametrize("centerlines", [False, True])
-def test_row_groups_written_one_by_one_equal_the_whole_sorted_table(tmp_path: Path, centerlines: bool,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_row_groups_written_one_by_one_equal_the_whole_sorted_table(
+    tmp_path: Path, centerlines: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pyarrow.parquet as pq
 
     fs = features(centerlines)
@@ -116,7 +117,9 @@ def test_an_empty_feature_set_writes_the_schema_and_one_empty_row_group(tmp_path
     assert back.schema.metadata[b"geo"] == want.schema.metadata[b"geo"]
 
 
-def test_a_row_group_gathered_in_batches_is_written_as_one_array(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_row_group_gathered_in_batches_is_written_as_one_array(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A row group's column gathered in batches gives the file of one array, byte for byte."""
     import pyarrow.parquet as pq
 
