@@ -65,9 +65,9 @@ HILBERT_LEVEL: Final = 16
 MERGE_TASK_VERTICES: Final = 8_000
 # Rows per Parquet row group: row groups of polygons near each other on the Hilbert curve, so
 # a reader filtering on the bbox covering column skips most of a large file; and the driver
-# gathers one row group's sorted columns at a time (~70 MiB of WKB at ~1.1 KiB a polygon), so
+# gathers one row group's sorted columns at a time (~18 MiB of WKB at ~1.1 KiB a polygon), so
 # writing does not hold a second copy of the output. Outputs of fewer rows keep one row group.
-ROW_GROUP_ROWS: Final = 65_536
+ROW_GROUP_ROWS: Final = 16_384
 # Rows gathered at a time into a row group's WKB column (a few MiB of transient copies).
 GATHER_ROWS: Final = 4096
 STAT_COLUMNS: Final = ("score_min", "score_max", "score_std", "pixel_count", "area_m2")
@@ -253,6 +253,9 @@ def run(
                 if waiting_vertices[t, f] >= MERGE_TASK_VERTICES:
                     submit((t, f), P.Groups.concat(waiting[t, f]))
                     waiting[t, f], waiting_vertices[t, f] = [], 0
+            # The mergers hold what they still need of the seam pieces; the block's copy would
+            # keep every seam piece of the job alive (as geometries) until the file is written.
+            output.pieces.clear()
 
         outputs = run_blocks(vectorize_block, blocks, params, num_cpus=spec.resources.cpus,
                              max_in_flight=ctx.max_in_flight, reporter=ScaledReporter(reporter, 0, BLOCKS_PERCENT),
