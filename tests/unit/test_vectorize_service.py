@@ -143,3 +143,13 @@ def test_a_row_group_gathered_in_batches_is_written_as_one_array(
     written = str(tmp_path / "batched.parquet")
     service._to_parquet(fs, written)
     assert Path(written).read_bytes() == Path(one).read_bytes()
+
+
+def test_merged_rows_pickle_in_band() -> None:
+    """A merge task's Rows come back to the driver copied, not as views pinning Ray's store."""
+    rows = block_output().final[0][0]
+    buffers: list[pickle.PickleBuffer] = []
+    back = pickle.loads(pickle.dumps(rows, protocol=5, buffer_callback=buffers.append))
+    assert buffers == [] and len(rows) > 0
+    assert (back.wkb == rows.wkb).all() and np.array_equal(back.bbox, rows.bbox)
+    assert np.array_equal(back.moments.mean, rows.moments.mean) and back.centerline.tolist() == rows.centerline.tolist()

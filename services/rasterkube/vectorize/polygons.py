@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -881,6 +882,14 @@ class Rows:
     def __len__(self) -> int:
         return len(self.bbox)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled whole, buffers in band (as the service's ``BlockOutput``): Ray hands
+        out-of-band buffers to the driver as views into its object store, so a merge task's
+        rows would stay there, mapped into the driver, next to the driver's sorted copy."""
+        fields = (self.wkb_array, self.bbox, self.type_id, self.moments, self.area_m2, self.centerline_array,
+                  self.centerline_type_id)  # fmt: skip
+        return _unpickle_rows, (pickle.dumps(fields, protocol=pickle.HIGHEST_PROTOCOL),)
+
     @property
     def wkb(self) -> NDArray[np.object_]:
         """The polygons' WKB as an object array of ``bytes`` (a copy, for small results)."""
@@ -919,6 +928,10 @@ class Rows:
         return cls(chunks("wkb_array"), cat("bbox", np.zeros((0, 4))), cat("type_id", np.zeros(0, np.int8)),
                    Moments.concat([p.moments for p in parts]), cat("area_m2", np.zeros(0)),
                    chunks("centerline_array"), cat("centerline_type_id", np.zeros(0, np.int8)))  # fmt: skip
+
+
+def _unpickle_rows(data: bytes) -> Rows:
+    return Rows(*pickle.loads(data))
 
 
 def binary_array(values: NDArray[np.object_]) -> Any:
