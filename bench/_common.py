@@ -81,9 +81,14 @@ class PeakRss:
                 rss = p.memory_info().rss
             except psutil.Error:
                 continue
-            # A Ray worker renames itself per task (ray::IDLE, ray::score_block): its first
-            # label is enough, workers are all "worker".
-            label = self._labels.get(p.pid) or self._labels.setdefault(p.pid, process_label(p, self._proc.pid))
+            # A Ray worker renames itself per task (ray::IDLE, ray::score_block): once seen as
+            # one it stays "worker". Anything else is labelled afresh: Ray starts its helpers
+            # with fork + exec (Popen with a preexec_fn), and a process first seen in between
+            # has the driver's command line (or, exiting, none: "python") — a label that stuck
+            # to the dashboard or a raylet for the whole run.
+            label = self._labels.get(p.pid) or process_label(p, self._proc.pid)
+            if label == "worker":
+                self._labels[p.pid] = label
             by_label[label] = by_label.get(label, 0) + rss
             count[label] = count.get(label, 0) + 1
             self.largest[label] = max(self.largest.get(label, 0), rss)
