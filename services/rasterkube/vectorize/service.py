@@ -16,9 +16,12 @@ bounding boxes: :class:`~rasterkube.vectorize.polygons.Rows`), so the driver nev
 them; as blocks finish, the driver matches the seams of the edge pieces
 (:class:`~rasterkube.vectorize.polygons.SeamMerger`) and starts tasks that union every
 group no missing block can join any more — next to the remaining block tasks, so after the
-last block only what it completed is left to merge; then the driver concatenates,
-Hilbert-sorts on the boxes and writes the Parquet file with pyarrow (the GeoParquet
-metadata written here, :func:`geo_metadata`). Only a
+last block only what it completed is left to merge; then the driver Hilbert-sorts on the
+boxes and writes the Parquet file with pyarrow a row group at a time, gathering each row
+group's rows from the blocks' own WKB buffers (:class:`FeatureSet`: the output is held once,
+never as a second sorted copy; the GeoParquet metadata written here, :func:`geo_metadata`).
+With ``output.pmtiles`` the tiler still needs every polygon as a geometry at once (one
+spatial index over all of them, for every tile of every zoom). Only a
 ``simplifyTolerance`` brings all polygons of a band to the driver as geometries, because the
 topology-preserving simplification must see them together.
 
