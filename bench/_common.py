@@ -24,6 +24,7 @@ def tree_rss(proc: psutil.Process) -> int:
 
 
 RAY_WORKER_SCRIPTS = ("default_worker.py", "setup_worker.py")
+RAY_AGENT_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
 def process_label(proc: psutil.Process, root: int) -> str:
@@ -38,6 +39,8 @@ def process_label(proc: psutil.Process, root: int) -> str:
         return "gone"
     # A Ray worker is "ray::<task>" once it runs, and setup_worker.py → default_worker.py
     # while it starts (with a runtime_env).
+    if cmd and cmd[0] in RAY_AGENT_TITLES:  # Ray's per-node agents title themselves like workers
+        return cmd[0].removeprefix("ray::")
     if cmd and (cmd[0].startswith("ray::") or any(a.endswith(RAY_WORKER_SCRIPTS) for a in cmd)):
         return "worker"
     if cmd and "python" in Path(cmd[0]).name:
