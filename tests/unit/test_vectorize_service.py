@@ -153,3 +153,26 @@ def test_merged_rows_pickle_in_band() -> None:
     assert buffers == [] and len(rows) > 0
     assert (back.wkb == rows.wkb).all() and np.array_equal(back.bbox, rows.bbox)
     assert np.array_equal(back.moments.mean, rows.moments.mean) and back.centerline.tolist() == rows.centerline.tolist()
+
+
+@pytest.mark.parametrize("centerlines", [False, True])
+def test_packed_rows_write_the_same_table(centerlines: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows held compressed (as the driver holds every block's) gather into the same table."""
+    monkeypatch.setattr(service, "GATHER_ROWS", 16)  # batches across chunks
+    parts = []
+    for seed, label in ((1, "a"), (2, "b")):
+        values = blobs(64, 64, seed=seed)
+        comps = P.polygonize(values, 0.3, 4, TRANSFORM, block_shape=(16, 16), centerlines=centerlines)
+        rows = P.Rows.of(P.finish(comps, P.Finish(UTM, UTM)))
+        half = len(rows) // 2
+        blocks = [rows.take(np.arange(half)), rows.take(np.arange(half, len(rows)))]
+        parts.append((label, np.datetime64("2020-01-01"), blocks))
+    plain = service.feature_set([(lb, t, P.Rows.concat(r)) for lb, t, r in parts], UTM, True, centerlines)
+    packed_rows = [(lb, t, P.Rows.concat([r[0].packed(), r[1]])) for lb, t, r in parts]  # packed and not, mixed
+    packed = service.feature_set(packed_rows, UTM, True, centerlines)
+    assert isinstance(packed.rows.wkb_array, P.PackedChunks)
+    assert sum(len(c.buffers[2][0]) for c in packed.rows.wkb_array.chunks) < 0.5 * plain.rows.wkb_array.nbytes
+    assert packed.table().equals(plain.table(), check_metadata=True)
+    assert (packed.rows.wkb == plain.rows.wkb).all()
+    back = pickle.loads(pickle.dumps(packed.rows))
+    assert (back.wkb == plain.rows.wkb).all() and back.centerline.tolist() == plain.rows.centerline.tolist()

@@ -911,6 +911,12 @@ class Rows:
                    _chunked(binary_array(shapely.to_wkb(f.centerline, flavor="iso"))),
                    shapely.get_type_id(f.centerline).astype(np.int8))  # fmt: skip
 
+    def packed(self) -> Rows:
+        """These rows with their WKB zstd-compressed (:class:`PackedChunks`): what the driver
+        holds of every polygon until the file is written."""
+        return Rows(PackedChunks.of(self.wkb_array), self.bbox, self.type_id, self.moments, self.area_m2,
+                    PackedChunks.of(self.centerline_array), self.centerline_type_id)  # fmt: skip
+
     def take(self, idx: NDArray[np.intp]) -> Rows:
         return Rows(_chunked(take_rows(self.wkb_array, idx)), self.bbox[idx], self.type_id[idx],
                     self.moments.take(idx), self.area_m2[idx], _chunked(take_rows(self.centerline_array, idx)),
@@ -923,7 +929,11 @@ class Rows:
             return np.concatenate(arrays) if arrays else empty
 
         def chunks(name: str) -> Any:
-            return pa.chunked_array([c for p in parts for c in getattr(p, name).chunks], pa.large_binary())
+            arrays = [getattr(p, name) for p in parts]
+            if any(isinstance(a, PackedChunks) for a in arrays):
+                packed = (c if isinstance(c, Packed) else Packed.of(c) for a in arrays for c in a.chunks)
+                return PackedChunks(tuple(packed))
+            return pa.chunked_array([c for a in arrays for c in a.chunks], pa.large_binary())
 
         return cls(chunks("wkb_array"), cat("bbox", np.zeros((0, 4))), cat("type_id", np.zeros(0, np.int8)),
                    Moments.concat([p.moments for p in parts]), cat("area_m2", np.zeros(0)),
@@ -964,6 +974,62 @@ def take_rows(values: Any, idx: NDArray[np.intp]) -> Any:
     inverse = np.empty_like(by_chunk)
     inverse[by_chunk] = np.arange(len(by_chunk))
     return grouped.take(pa.array(inverse))
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One Arrow array with every buffer zstd-compressed. Polygon WKB on a pixel grid
+    compresses ~7× (float64 coordinates with few significant bits) in ~1 ms per block."""
+
+    type: Any
+    length: int
+    null_count: int
+    offset: int
+    buffers: tuple[tuple[bytes, int] | None, ...]
+
+    def __len__(self) -> int:
+        return self.length
+
+    @classmethod
+    def of(cls, array: Any) -> Packed:
+        buffers = tuple(None if b is None else (pa.compress(b, codec=PACK_CODEC, asbytes=True), b.size)
+                        for b in array.buffers())  # fmt: skip
+        return cls(array.type, len(array), array.null_count, array.offset, buffers)
+
+    def array(self) -> Any:
+        buffers = [None if b is None else pa.decompress(b[0], decompressed_size=b[1], codec=PACK_CODEC)
+                   for b in self.buffers]  # fmt: skip
+        return pa.Array.from_buffers(self.type, self.length, buffers, self.null_count, self.offset)
+
+
+PACK_CODEC: Final = "zstd"
+
+
+@dataclass(frozen=True)
+class PackedChunks:
+    """A chunked binary column of :class:`Packed` chunks, read as ``pyarrow.ChunkedArray``
+    is by :func:`take_rows` (``chunks``, ``chunk(i)`` decompressed, ``type``)."""
+
+    chunks: tuple[Packed, ...]
+
+    @classmethod
+    def of(cls, values: Any) -> PackedChunks:
+        if isinstance(values, PackedChunks):
+            return values
+        return cls(tuple(Packed.of(c) for c in values.chunks))
+
+    @property
+    def type(self) -> Any:
+        return pa.large_binary()
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+    def chunk(self, i: int) -> Any:
+        return self.chunks[i].array()
+
+    def to_pylist(self) -> list[bytes | None]:
+        return [v for c in self.chunks for v in c.array().to_pylist()]
 
 
 def _chunked(array: Any) -> Any:

@@ -259,6 +259,11 @@ def run(
             # The mergers hold what they still need of the seam pieces; the block's copy would
             # keep every seam piece of the job alive (as geometries) until the file is written.
             output.pieces.clear()
+            # Every polygon stays on the driver until the file is written: its WKB compressed
+            # (~7×), unpacked a block at a time as row groups are gathered.
+            for t, f in bands:
+                if isinstance(rows := output.final[t][f], P.Rows):
+                    output.final[t][f] = rows.packed()
 
         outputs = run_blocks(vectorize_block, blocks, params, num_cpus=spec.resources.cpus,
                              max_in_flight=ctx.max_in_flight, reporter=ScaledReporter(reporter, 0, BLOCKS_PERCENT),
