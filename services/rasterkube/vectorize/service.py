@@ -19,7 +19,8 @@ group no missing block can join any more — next to the remaining block tasks, 
 last block only what it completed is left to merge; then the driver Hilbert-sorts on the
 boxes and writes the Parquet file with pyarrow a row group at a time, gathering each row
 group's rows from the blocks' own WKB buffers (:class:`FeatureSet`: the output is held once,
-never as a second sorted copy; the GeoParquet metadata written here, :func:`geo_metadata`).
+zstd-compressed as each block arrives, never as a second sorted copy; the GeoParquet metadata
+written here, :func:`geo_metadata`).
 With ``output.pmtiles`` the tiler still needs every polygon as a geometry at once (one
 spatial index over all of them, for every tile of every zoom). Only a
 ``simplifyTolerance`` brings all polygons of a band to the driver as geometries, because the
