@@ -24,6 +24,7 @@ def tree_rss(proc: psutil.Process) -> int:
 
 
 RAY_WORKER_SCRIPTS = ("default_worker.py", "setup_worker.py")
+RAY_AGENT_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
 def process_label(proc: psutil.Process, root: int) -> str:
@@ -38,6 +39,8 @@ def process_label(proc: psutil.Process, root: int) -> str:
         return "gone"
     # A Ray worker is "ray::<task>" once it runs, and setup_worker.py → default_worker.py
     # while it starts (with a runtime_env).
+    if cmd and cmd[0] in RAY_AGENT_TITLES:  # Ray's per-node agents title themselves like workers
+        return cmd[0].removeprefix("ray::")
     if cmd and (cmd[0].startswith("ray::") or any(a.endswith(RAY_WORKER_SCRIPTS) for a in cmd)):
         return "worker"
     if cmd and "python" in Path(cmd[0]).name:
@@ -88,9 +91,14 @@ class PeakRss:
                 continue
             rss = full.rss
             pss += full.pss
-            # A Ray worker renames itself per task (ray::IDLE, ray::score_block): its first
-            # label is enough, workers are all "worker".
-            label = self._labels.get(p.pid) or self._labels.setdefault(p.pid, process_label(p, self._proc.pid))
+            # A Ray worker renames itself per task (ray::IDLE, ray::score_block): once seen as
+            # one it stays "worker". Anything else is labelled afresh: Ray starts its helpers
+            # with fork + exec (Popen with a preexec_fn), and a process first seen in between
+            # has the driver's command line (or, exiting, none: "python") — a label that stuck
+            # to the dashboard or a raylet for the whole run.
+            label = self._labels.get(p.pid) or process_label(p, self._proc.pid)
+            if label == "worker":
+                self._labels[p.pid] = label
             by_label[label] = by_label.get(label, 0) + rss
             count[label] = count.get(label, 0) + 1
             self.largest[label] = max(self.largest.get(label, 0), rss)

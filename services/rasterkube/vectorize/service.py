@@ -16,9 +16,13 @@ bounding boxes: :class:`~rasterkube.vectorize.polygons.Rows`), so the driver nev
 them; as blocks finish, the driver matches the seams of the edge pieces
 (:class:`~rasterkube.vectorize.polygons.SeamMerger`) and starts tasks that union every
 group no missing block can join any more — next to the remaining block tasks, so after the
-last block only what it completed is left to merge; then the driver concatenates,
-Hilbert-sorts on the boxes and writes the Parquet file with pyarrow (the GeoParquet
-metadata written here, :func:`geo_metadata`). Only a
+last block only what it completed is left to merge; then the driver Hilbert-sorts on the
+boxes and writes the Parquet file with pyarrow a row group at a time, gathering each row
+group's rows from the blocks' own WKB buffers (:class:`FeatureSet`: the output is held once,
+zstd-compressed as each block arrives, never as a second sorted copy; the GeoParquet metadata
+written here, :func:`geo_metadata`).
+With ``output.pmtiles`` the tiler still needs every polygon as a geometry at once (one
+spatial index over all of them, for every tile of every zoom). Only a
 ``simplifyTolerance`` brings all polygons of a band to the driver as geometries, because the
 topology-preserving simplification must see them together.
 
@@ -34,7 +38,9 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Final
 
 import numpy as np
@@ -61,6 +67,13 @@ HILBERT_LEVEL: Final = 16
 # Vertices of complete groups gathered before a merge task is started while blocks still run:
 # a few ms of unions per task, so the task overhead stays small next to the work.
 MERGE_TASK_VERTICES: Final = 8_000
+# Rows per Parquet row group: row groups of polygons near each other on the Hilbert curve, so
+# a reader filtering on the bbox covering column skips most of a large file; and the driver
+# gathers one row group's sorted columns at a time (~18 MiB of WKB at ~1.1 KiB a polygon), so
+# writing does not hold a second copy of the output. Outputs of fewer rows keep one row group.
+ROW_GROUP_ROWS: Final = 16_384
+# Rows gathered at a time into a row group's WKB column (a few MiB of transient copies).
+GATHER_ROWS: Final = 4096
 STAT_COLUMNS: Final = ("score_min", "score_max", "score_std", "pixel_count", "area_m2")
 
 
@@ -244,6 +257,14 @@ def run(
                 if waiting_vertices[t, f] >= MERGE_TASK_VERTICES:
                     submit((t, f), P.Groups.concat(waiting[t, f]))
                     waiting[t, f], waiting_vertices[t, f] = [], 0
+            # The mergers hold what they still need of the seam pieces; the block's copy would
+            # keep every seam piece of the job alive (as geometries) until the file is written.
+            output.pieces.clear()
+            # Every polygon stays on the driver until the file is written: its WKB compressed
+            # (~7×), unpacked a block at a time as row groups are gathered.
+            for t, f in bands:
+                if isinstance(rows := output.final[t][f], P.Rows):
+                    output.final[t][f] = rows.packed()
 
         outputs = run_blocks(vectorize_block, blocks, params, num_cpus=spec.resources.cpus,
                              max_in_flight=ctx.max_in_flight, reporter=ScaledReporter(reporter, 0, BLOCKS_PERCENT),
@@ -273,12 +294,13 @@ def run(
                 merged_rows = P.Rows.concat([r for _, r in mine]).take(order)  # type: ignore[misc]
                 rows = P.Rows.concat([*finals, merged_rows])  # type: ignore[list-item]
             parts.append((label, time, rows))
-    table = feature_table(parts, spec.output.crs, spec.stats, spec.medial_skeletonize)
-    reporter.progress(95.0, f"writing {table.num_rows} features")
-    result = summary(table, spec.features, info, blocks, spec.output.crs)
-    if not table.num_rows:
+    merged_parts = mine = []  # drop the merged rows before their ordering (parts hold them ordered)
+    features = feature_set(parts, spec.output.crs, spec.stats, spec.medial_skeletonize)
+    reporter.progress(95.0, f"writing {features.num_rows} features")
+    result = summary(features, spec.features, info, blocks, spec.output.crs)
+    if not features.num_rows:
         result["note"] = empty_note(outputs, spec.features, spec.threshold, spec.min_area)
-    item = output_item(resource, request, info, table.num_rows)  # before any file: a bad item writes nothing
+    item = output_item(resource, request, info, features.num_rows)  # before any file: a bad item writes nothing
     # The old item goes first and the new one is committed after the last file (provenance).
     storage.remove(provenance.file_item_uri(request.output_uri))
     if spec.output.pmtiles:
@@ -286,14 +308,14 @@ def run(
 
         size = pixel_size_m(grid.crs, grid.resolution[0])
         # Vector tiles carry one geometry: the polygons (the centre lines stay in the GeoParquet).
-        polygons = to_geodataframe(table, spec.output.crs)
+        polygons = to_geodataframe(features, spec.output.crs)
         uri = pmtiles_uri(request.output_uri)
         stats: dict[str, Any] = {}
         storage.commit_file(lambda path: stats.update(tiles.write_pmtiles(polygons, path, size)), uri, request.run_id)
         result["pmtiles"] = {"uri": uri, **stats}
-    write_geoparquet(table, request.output_uri, request.run_id)
+    write_geoparquet(features, request.output_uri, request.run_id)
     provenance.commit_json(provenance.file_item_uri(request.output_uri), item, request.run_id)
-    reporter.progress(100.0, f"wrote {table.num_rows} features")
+    reporter.progress(100.0, f"wrote {features.num_rows} features")
     return JobResult(uri=request.output_uri, summary=result)
 
 
@@ -358,6 +380,98 @@ def pixel_size_m(crs: str, resolution: float) -> float:
     return abs(resolution) * unit
 
 
+@dataclass(frozen=True)
+class FeatureSet:
+    """Every feature of the output, held once: the rows in the order the job made them (WKB in
+    one Arrow chunk per block), each row's part (label and time), and the Hilbert order the
+    file is written in. Tables of the sorted rows are gathered a row group at a time
+    (:meth:`row_groups`), so writing never holds a second, sorted copy of the whole output
+    (which made the driver's peak grow with the polygon count)."""
+
+    rows: P.Rows
+    labels: tuple[str, ...]
+    times: tuple[np.datetime64, ...]
+    part_of: np.ndarray
+    order: np.ndarray
+    crs: str
+    stats: bool
+    centerlines: bool
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    def table(self, rows: slice = slice(None)) -> Any:
+        """The sorted rows ``rows`` (of the Hilbert order) as a pyarrow Table with the
+        GeoParquet metadata (columns: see :func:`feature_table`)."""
+        import pyarrow as pa
+
+        order = self.order[rows]
+        r, m = self.rows, self.rows.moments
+        # Label and time by part index, expanded in C++ (20k Python strings cost the tail 40 ms).
+        which = pa.array(self.part_of[order], pa.int64())
+        columns: dict[str, Any] = {
+            "label": pa.array(list(self.labels), pa.string()).take(which),
+            "time": pa.array(np.array(self.times, dtype="datetime64[s]"), pa.timestamp("s")).take(which),
+            "score_mean": pa.array(m.mean[order], pa.float64()),
+        }
+        if self.stats:
+            columns.update(score_min=pa.array(m.vmin[order], pa.float64()),
+                           score_max=pa.array(m.vmax[order], pa.float64()),
+                           score_std=pa.array(m.std[order], pa.float64()),
+                           pixel_count=pa.array(m.count[order], pa.int64()),
+                           area_m2=pa.array(r.area_m2[order], pa.float64()))  # fmt: skip
+        columns["geometry"] = _gather(r.wkb_array, order)
+        if self.centerlines:
+            columns["centerline"] = _gather(r.centerline_array, order)
+        bbox = r.bbox[order]
+        columns["bbox"] = pa.StructArray.from_arrays([pa.array(bbox[:, i], pa.float64()) for i in range(4)],
+                                                     names=["xmin", "ymin", "xmax", "ymax"])  # fmt: skip
+        assert all(len(c) == len(order) for c in columns.values())
+        return pa.table(columns).replace_schema_metadata({b"geo": self._geo})
+
+    @cached_property
+    def _geo(self) -> bytes:
+        """The ``geo`` metadata of all rows (each row group's schema carries the whole file's)."""
+        return json.dumps(geo_metadata(self.crs, self.rows, self.centerlines)).encode()
+
+    def row_groups(self, size: int = ROW_GROUP_ROWS) -> Iterator[Any]:
+        """The sorted rows as tables of at most ``size`` rows (one table with no rows when
+        there are none, so the file keeps its schema and one empty row group, as
+        ``pyarrow.parquet.write_table`` writes it)."""
+        for start in range(0, max(self.num_rows, 1), size):
+            yield self.table(slice(start, start + size))
+
+
+def _gather(values: Any, order: np.ndarray) -> Any:
+    """``values[order]`` as a binary column in chunks of ``GATHER_ROWS``: gathering across the
+    blocks' chunks copies a batch up to three times (:func:`~rasterkube.vectorize.polygons.take_rows`),
+    so only one copy of a whole row group is ever held. The Parquet writer writes a chunked
+    column into the same row group and pages as one array (tested byte for byte)."""
+    import pyarrow as pa
+
+    batches = [_narrow(P.take_rows(values, order[i : i + GATHER_ROWS])) for i in range(0, len(order), GATHER_ROWS)]
+    return pa.chunked_array(batches, batches[0].type if batches else pa.binary())
+
+
+def _narrow(values: Any) -> Any:
+    """A large_binary array as binary (32-bit offsets) where it fits, as ``pa.array`` makes
+    the column (a row group over 2 GiB of WKB keeps 64-bit offsets)."""
+    import pyarrow as pa
+
+    return values.cast(pa.binary()) if values.nbytes <= np.iinfo(np.int32).max else values
+
+
+def feature_set(parts: list[tuple[str, np.datetime64, P.Rows]], crs: str, stats: bool,
+                centerlines: bool = False) -> FeatureSet:  # fmt: skip
+    """All features of ``parts`` (label, time, rows) and their Hilbert order (of the bounding
+    boxes: computed without the geometries). The WKB stays in the parts' chunks (no copy)."""
+    rows = P.Rows.concat([r for _, _, r in parts])
+    part_of = np.repeat(np.arange(len(parts)), [len(r) for _, _, r in parts])
+    return FeatureSet(rows, tuple(label for label, _, _ in parts), tuple(t for _, t, _ in parts), part_of,
+                      hilbert_order(rows.bbox), crs, stats, centerlines)  # fmt: skip
+
+
 def feature_table(parts: list[tuple[str, np.datetime64, P.Rows]], crs: str, stats: bool,
                   centerlines: bool = False) -> Any:  # fmt: skip
     """One pyarrow Table of all features, typed even when empty, rows in Hilbert order of the
@@ -367,52 +481,15 @@ def feature_table(parts: list[tuple[str, np.datetime64, P.Rows]], crs: str, stat
     Columns: ``label``, ``time``, ``score_mean`` (with ``stats`` also ``score_min``,
     ``score_max``, ``score_std``, ``pixel_count``, ``area_m2``), ``geometry`` (WKB), with
     ``centerlines`` ``centerline`` (WKB; null for a one-pixel skeleton), and ``bbox``. The
-    GeoParquet metadata (:func:`geo_metadata`) is attached to the schema."""
-    import pyarrow as pa
-
-    rows = P.Rows.concat([r for _, _, r in parts])
-    n, m = len(rows), rows.moments
-    # Label and time by part index, expanded in C++ (20k Python strings cost the tail 40 ms).
-    part_of = np.repeat(np.arange(len(parts)), [len(r) for _, _, r in parts])
-    order = hilbert_order(rows.bbox)
-    which = pa.array(part_of[order], pa.int64())
-    columns: dict[str, Any] = {
-        "label": pa.array([label for label, _, _ in parts], pa.string()).take(which),
-        "time": pa.array(np.array([t for _, t, _ in parts], dtype="datetime64[s]"), pa.timestamp("s")).take(which),
-        "score_mean": pa.array(m.mean[order], pa.float64()),
-    }
-    if stats:
-        columns.update(score_min=pa.array(m.vmin[order], pa.float64()), score_max=pa.array(m.vmax[order], pa.float64()),
-                       score_std=pa.array(m.std[order], pa.float64()), pixel_count=pa.array(m.count[order], pa.int64()),
-                       area_m2=pa.array(rows.area_m2[order], pa.float64()))  # fmt: skip
-    columns["geometry"] = binary_column(rows.wkb[order])
-    if centerlines:
-        columns["centerline"] = pa.array(rows.centerline[order], pa.binary())
-    bbox = rows.bbox[order]
-    columns["bbox"] = pa.StructArray.from_arrays([pa.array(bbox[:, i], pa.float64()) for i in range(4)],
-                                                 names=["xmin", "ymin", "xmax", "ymax"])  # fmt: skip
-    assert all(len(c) == n for c in columns.values())
-    table = pa.table(columns)
-    meta = geo_metadata(crs, rows, centerlines)
-    return table.replace_schema_metadata({b"geo": json.dumps(meta).encode()})
+    GeoParquet metadata (:func:`geo_metadata`) is attached to the schema. The job itself
+    writes row group by row group from the :func:`feature_set` instead."""
+    return feature_set(parts, crs, stats, centerlines).table()
 
 
 def binary_column(values: np.ndarray) -> Any:
-    """An Arrow binary column of ``values`` (an object array of ``bytes``) built from one
-    buffer of the exact size: ``pa.array`` on the object array grows its buffer by doubling
-    and held 2.7× the column at its peak — on the driver, where the column of every polygon
-    of the output is built. Missing values (None) take ``pa.array``'s way."""
-    import pyarrow as pa
-
-    try:
-        data = b"".join(values)
-    except TypeError:  # None among the values: pa.array gives them a validity bitmap
-        return pa.array(values, pa.binary())
-    offsets = np.zeros(len(values) + 1, np.int64)
-    np.cumsum(np.fromiter(map(len, values), np.int64, len(values)), out=offsets[1:])
-    # 32-bit offsets as pa.array makes them; a column over 2 GiB needs 64-bit ones.
-    kind, width = (pa.binary(), np.int32) if len(data) <= np.iinfo(np.int32).max else (pa.large_binary(), np.int64)
-    return pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(offsets.astype(width)), pa.py_buffer(data)])
+    """An Arrow binary column of ``values`` (an object array of ``bytes``, or None) built from
+    one buffer of the exact size (:func:`~rasterkube.vectorize.polygons.binary_array`)."""
+    return _narrow(P.binary_array(values))
 
 
 def hilbert_order(bbox: np.ndarray) -> np.ndarray:
@@ -464,38 +541,53 @@ def geo_metadata(crs: str, rows: P.Rows, centerlines: bool) -> dict[str, Any]:
 
 
 def to_geodataframe(table: Any, crs: str) -> Any:
-    """The polygons of a feature table as a GeoDataFrame (for the PMTiles writer)."""
+    """The polygons of a feature table — or of a :class:`FeatureSet`, row group by row group,
+    never its whole sorted table at once — as a GeoDataFrame (for the PMTiles writer)."""
     import geopandas as gpd
+    import pandas as pd
     import shapely
 
+    if isinstance(table, FeatureSet):
+        frames = [to_geodataframe(group, crs) for group in table.row_groups()]
+        return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=crs)
     frame = table.drop_columns([c for c in ("geometry", "centerline", "bbox") if c in table.column_names]).to_pandas()
     geometry = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
     return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(geometry, crs=crs), crs=crs)
 
 
-def write_geoparquet(table: Any, uri: str, run_id: str) -> None:
-    """GeoParquet 1.1 with the bbox covering column, committed atomically."""
-    storage.commit_file(lambda path: _to_parquet(table, path), uri, run_id)
+def write_geoparquet(features: Any, uri: str, run_id: str) -> None:
+    """GeoParquet 1.1 with the bbox covering column, committed atomically; ``features`` a
+    :class:`FeatureSet` (written a row group at a time) or a pyarrow Table."""
+    storage.commit_file(lambda path: _to_parquet(features, path), uri, run_id)
 
 
-def _to_parquet(table: Any, path: str) -> None:
+def _to_parquet(features: Any, path: str) -> None:
     import pyarrow.parquet as pq
 
-    pq.write_table(table, path, compression="zstd")
+    if not isinstance(features, FeatureSet):
+        pq.write_table(features, path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        return
+    groups = features.row_groups()
+    first = next(groups)
+    with pq.ParquetWriter(path, first.schema, compression="zstd") as writer:
+        writer.write_table(first, row_group_size=ROW_GROUP_ROWS)
+        del first  # one row group's columns in memory at a time
+        for group in groups:
+            writer.write_table(group, row_group_size=ROW_GROUP_ROWS)
 
 
-def summary(table: Any, labels: list[str], info: geozarr.StoreInfo, blocks: list[Window], crs: str) -> dict[str, Any]:
-    import pyarrow.compute as pc
-
-    counts = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(table.column("label")).to_pylist()}
-    bbox = table.column("bbox").combine_chunks()
+def summary(features: FeatureSet, labels: list[str], info: geozarr.StoreInfo, blocks: list[Window],
+            crs: str) -> dict[str, Any]:  # fmt: skip
+    per_part = np.bincount(features.part_of, minlength=len(features.labels))
+    counts: dict[str, int] = {}
+    for label, n in zip(features.labels, per_part.tolist(), strict=True):
+        counts[label] = counts.get(label, 0) + int(n)
+    bbox = features.rows.bbox
     bounds = None
-    if table.num_rows:
-        lo = [pc.min(bbox.field(k)).as_py() for k in ("xmin", "ymin")]
-        hi = [pc.max(bbox.field(k)).as_py() for k in ("xmax", "ymax")]
-        bounds = [float(v) for v in (*lo, *hi)]
+    if features.num_rows:
+        bounds = [float(v) for v in (bbox[:, 0].min(), bbox[:, 1].min(), bbox[:, 2].max(), bbox[:, 3].max())]
     return {
-        "feature_count": int(table.num_rows),
+        "feature_count": int(features.num_rows),
         "label_counts": {label: counts.get(label, 0) for label in labels},
         "crs": P._crs(crs).to_string(),
         "bounds": bounds,
