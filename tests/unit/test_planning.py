@@ -74,7 +74,7 @@ def test_change_score_cluster_terms() -> None:
 def test_prediction_counts() -> None:
     # 1 time × 4 bands, 300×200 px in chunks of 64, blocks of 128; 32 px patches, 4 px clip.
     src = W.Raster(1, tuple("abcd"), (300, 200), (64, 64))
-    work = W.prediction(src, 4, ["land", "water"], False, 32, 4, 2, "abc", MAX_CHUNK)
+    work = W.prediction(src, 4, ["land", "water"], False, 32, 4, 2, "abc", MAX_CHUNK, 12345)
     assert work.blocks == 6
     # patches: rows of blocks 128, 128, 44 px → 6, 6, 2 origins; columns 128, 72 → 6, 3
     assert work.patches == (6 + 6 + 2) * (6 + 3) == 126
@@ -85,8 +85,9 @@ def test_prediction_counts() -> None:
     assert work.bytes_read == 54 * 4 * 64 * 64 * 4
     assert work.bytes_written == 1 * 2 * 300 * 200 * 4
     assert work.terms == {W.patch_term("abc"): 126 * 32 * 32 / 1e6}
+    assert work.block_buffer_bytes == 12345  # the job's own estimate, passed through
     # changeDetection: the times are stacked into one input, one output step
-    stacked = W.prediction(W.Raster(2, tuple("abc"), (300, 200), (64, 64)), 3, ["n", "c"], True, 32, 4, 2, "abc", MAX_CHUNK)
+    stacked = W.prediction(W.Raster(2, tuple("abc"), (300, 200), (64, 64)), 3, ["n", "c"], True, 32, 4, 2, "abc", MAX_CHUNK, 1)
     assert stacked.patches == 126 and stacked.output is not None and stacked.output.times == 1
     assert stacked.chunk_reads == 2 * 54
 

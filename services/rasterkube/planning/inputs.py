@@ -57,14 +57,19 @@ def change_score_work(resource: ChangeScore, source: Raster, where: str) -> Work
 
 
 def prediction_work(resource: Prediction, source: Raster, where: str) -> Work:
-    from rasterkube.predict import actors, models
+    from rasterkube.predict import actors, service
 
     spec = resource.spec
     n_feat = _bands(source, spec.model.features, "model.features", where)
     sha = model_sha256(spec.model.uri)
+    stacked = spec.model.actor == actors.Actor.CHANGE_DETECTION
+    buffers = service.block_buffer_bytes(
+        spec, source.chunk[0] * spec.xy_block_multiplier, 1 if stacked else source.times,
+        n_feat * (source.times if stacked else 1), len(spec.model.labels),
+    )  # fmt: skip
     return W.prediction(
-        source, n_feat, list(spec.model.labels), spec.model.actor == actors.Actor.CHANGE_DETECTION,
-        spec.patch_size, spec.clip_size, spec.xy_block_multiplier, sha, geozarr.MAX_CHUNK_BYTES,
+        source, n_feat, list(spec.model.labels), stacked,
+        spec.patch_size, spec.clip_size, spec.xy_block_multiplier, sha, geozarr.MAX_CHUNK_BYTES, buffers,
     )  # fmt: skip
 
 

@@ -302,8 +302,11 @@ def prediction(
     multiplier: int,
     model_sha256: str,
     max_chunk_bytes: int,
+    buffers: int,
 ) -> Work:
-    """A Prediction of ``source``: blocks with a ``clip`` halo, cut into patches."""
+    """A Prediction of ``source``: blocks with a ``clip`` halo, cut into patches. ``buffers`` is
+    what one block task holds (``predict.service.block_buffer_bytes``, the job's own estimate,
+    which its memory check uses too)."""
     h, w = source.shape
     t_out = 1 if time_stacked else source.times
     blocks = Blocks.of(source.shape, source.chunk, multiplier)
@@ -320,20 +323,6 @@ def prediction(
     out = Raster(t_out, tuple(labels), source.shape,
                  default_chunk(len(labels), BYTES_F32, source.chunk[0], source.shape, max_chunk_bytes),
                  BYTES_F32, source.grid)  # fmt: skip
-    in_channels = n_features * (source.times if time_stacked else 1)
-    side = max(b - a for a, b in blocks.ys) + 2 * clip
-    side_x = max(b - a for a, b in blocks.xs) + 2 * clip
-    n_patches_block = max(patch_origins_along(b - a, patch, clip) for a, b in blocks.ys) * max(
-        patch_origins_along(b - a, patch, clip) for a, b in blocks.xs
-    )
-    # As predict.service.block_buffer_bytes: the read with its halo, the patches, the
-    # predictions of every input and the float64 accumulator of a weighted merge.
-    buffers = (
-        t_out * in_channels * side * side_x * BYTES_F32
-        + n_patches_block * in_channels * patch * patch * BYTES_F32
-        + t_out * n_patches_block * len(labels) * patch * patch * BYTES_F32
-        + len(labels) * side * side_x * BYTES_F64
-    )
     chunks_out = _out_chunks(out)
     return Work(
         kind=Kind.PREDICTION,
