@@ -215,7 +215,7 @@ class _BlockPipeline:
     def run(self) -> int:
         p, halo = self.p, self.halo
         top = halo.pad[0][0]
-        ready, top_need = 0, None
+        ready, top_padded = 0, False
         for number, (a, b) in enumerate(self.strips):
             last = number == len(self.strips) - 1
             with self.times.timed(stages.READ):
@@ -234,14 +234,14 @@ class _BlockPipeline:
                         self.frame[i] = windows.pad_halo(filled[i], halo, PAD_MODE, patch_size=p.patch_size)
                     else:
                         self.frame[i][:, top + a : top + b] = windows.pad_frame_cols(filled[i], halo, PAD_MODE)
-                if len(self.strips) > 1 and top_need is None and b >= min(halo.read.shape[0], top + 1):
-                    top_need = min(halo.read.shape[0], top + 1)
+                if len(self.strips) > 1 and not top_padded and b >= windows.frame_top_rows(halo):
+                    top_padded = True
                     for f in self.frame:
                         windows.pad_frame_top(f, halo, PAD_MODE)
                 if last and len(self.strips) > 1:
                     for f in self.frame:
                         windows.pad_frame_bottom(f, halo, PAD_MODE)
-                ready = self.frame.shape[2] if last else (top + b if top_need is not None else 0)
+                ready = self.frame.shape[2] if last else (top + b if top_padded else 0)
             while self.cut_rows < len(self.rows) and self.rows[self.cut_rows] + p.patch_size <= ready:
                 self._cut_row(self.rows[self.cut_rows])
                 self.cut_rows += 1

@@ -49,6 +49,7 @@ __all__ = [
     "fill_invalid",
     "halo_block",
     "accumulate_weighted",
+    "frame_top_rows",
     "merge_clip",
     "merge_weighted",
     "normalise_weighted",
@@ -290,11 +291,17 @@ def pad_frame_cols(read_rows: npt.NDArray[np.generic], halo: HaloBlock, mode: Pa
     return _pad(read_rows, ((0, 0), halo.pad[1]), _modes(halo, mode), None)
 
 
+def frame_top_rows(halo: HaloBlock) -> int:
+    """How many read rows :func:`pad_frame_top` mirrors into the top padding."""
+    return min(halo.read.shape[0], halo.pad[0][0] + 1)  # reflect mirrors ``top`` rows after the first
+
+
 def pad_frame_top(frame: npt.NDArray[np.generic], halo: HaloBlock, mode: PadMode = "reflect") -> int:
     """Fill the top padding rows of ``frame`` (``(C, Hp, Wp)``) from its first read rows, in
-    place; returns how many read rows that needs (they must be in the frame already)."""
+    place; returns how many read rows that needs (:func:`frame_top_rows`; they must be in the
+    frame already)."""
     top = halo.pad[0][0]
-    need = min(halo.read.shape[0], top + 1)  # reflect mirrors ``top`` rows after the first
+    need = frame_top_rows(halo)
     if top:
         src = frame[:, top : top + need]
         frame[:, :top] = _pad(src, ((top, 0), (0, 0)), _modes(halo, mode), None)[:, :top]
