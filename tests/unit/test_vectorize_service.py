@@ -45,10 +45,10 @@ def test_block_output_pickles_in_band_so_the_driver_pins_nothing_in_the_object_s
 @pytest.mark.parametrize(
     "values", [[b"\x01\x03", b"", b"abc" * 100], [], [b"a", None, b"bc"]], ids=["bytes", "empty", "missing"]
 )
-def test_binary_column_equals_pa_array(values: list[bytes | None]) -> None:
+def test_binary_array_equals_pa_array(values: list[bytes | None]) -> None:
     array = np.array(values, dtype=object)
-    column = service.binary_column(array)
-    assert column.equals(pa.array(array, pa.binary()))
+    column = P.binary_array(array)
+    assert column.equals(pa.array(array, pa.large_binary()))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

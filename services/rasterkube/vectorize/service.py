@@ -486,12 +486,6 @@ def feature_table(parts: list[tuple[str, np.datetime64, P.Rows]], crs: str, stat
     return feature_set(parts, crs, stats, centerlines).table()
 
 
-def binary_column(values: np.ndarray) -> Any:
-    """An Arrow binary column of ``values`` (an object array of ``bytes``, or None) built from
-    one buffer of the exact size (:func:`~rasterkube.vectorize.polygons.binary_array`)."""
-    return _narrow(P.binary_array(values))
-
-
 def hilbert_order(bbox: np.ndarray) -> np.ndarray:
     """Stable order of rows by the Hilbert distance of their bounding box midpoints over the
     total bounds — geopandas' own ``hilbert_distance`` (level 16), so a reader's
