@@ -52,7 +52,32 @@ def process_label(proc: psutil.Process, root: int) -> str:
     return Path(cmd[0]).name if cmd else proc.name()
 
 
-class PeakRss:
+class Sampler:
+    """Calls ``_tick`` every ``interval_s`` in a background thread while used as a context."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _tick(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._tick()
+            time.sleep(self._interval)
+
+    def __enter__(self) -> Any:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class PeakRss(Sampler):
     """Samples a process tree's RSS in a background thread; ``peak`` is in bytes.
 
     With ``breakdown=True`` it also keeps, per kind of process (:func:`process_label`), the RSS
@@ -60,12 +85,11 @@ class PeakRss:
     (``largest``): which process holds the memory when it is highest."""
 
     def __init__(self, pid: int, interval_s: float = 0.05, tree: bool = True, breakdown: bool = False) -> None:
+        super().__init__(interval_s)
         self._proc = psutil.Process(pid)
-        self._interval = interval_s
         self._tree = tree
         self._breakdown = breakdown
         self._labels: dict[int, str] = {}
-        self._stop = threading.Event()
         self.peak = 0
         # PSS (proportional set size) splits a shared page among the processes that map it:
         # Ray's object store is one shared mapping that every worker touches, so summed RSS
@@ -74,7 +98,6 @@ class PeakRss:
         self.at_peak: dict[str, int] = {}
         self.count_at_peak: dict[str, int] = {}
         self.largest: dict[str, int] = {}
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> int:
         if not self._tree:
@@ -108,22 +131,12 @@ class PeakRss:
             self.at_peak, self.count_at_peak = by_label, count
         return total
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                rss = self._sample()
-            except psutil.Error:
-                rss = 0
-            self.peak = max(self.peak, rss)
-            time.sleep(self._interval)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def _tick(self) -> None:
+        try:
+            rss = self._sample()
+        except psutil.Error:
+            rss = 0
+        self.peak = max(self.peak, rss)
 
     @property
     def peak_mib(self) -> float:

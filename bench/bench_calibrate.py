@@ -28,7 +28,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -41,7 +40,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, machine_cpu  # noqa: E402
+from _common import Sampler, emit, machine_cpu  # noqa: E402
 from helpers.stores import random_series, write_store  # noqa: E402
 
 from rasterkube import manifests, runner  # noqa: E402
@@ -180,19 +179,17 @@ def cases(tmp: Path, quick: bool) -> list[Case]:
 # ----------------------------------------------------------------------------- running
 
 
-class ReplicaCpu:
+class ReplicaCpu(Sampler):
     """CPU seconds of this process's Ray Serve replicas (descendants whose title names a
     ServeReplica), sampled while a job runs: usage leaves them out (shared by many jobs)."""
 
     def __init__(self, interval_s: float = 0.2) -> None:
+        super().__init__(interval_s)
         self._me = psutil.Process()
         self._seen: dict[int, float] = {}
         self._start: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._interval = interval_s
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> None:
+    def _tick(self) -> None:
         for p in self._me.children(recursive=True):
             try:
                 if "ServeReplica" not in " ".join(p.cmdline()):
@@ -205,19 +202,9 @@ class ReplicaCpu:
                 self._start[p.pid] = used if p.pid in self._before else 0.0
             self._seen[p.pid] = used
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            time.sleep(self._interval)
-
     def __enter__(self) -> ReplicaCpu:
         self._before = {p.pid for p in self._me.children(recursive=True)}
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        return super().__enter__()
 
     @property
     def seconds(self) -> float:
